@@ -1,0 +1,349 @@
+"""The command line: parse flags into a config, call one stage, print the result.
+
+Exit codes: 0 success, 1 the run failed (QcliError), 2 bad usage (UsageError, Click's own
+usage errors). No traceback reaches the user unless QCLI_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qcli import __version__
+from qcli.errors import QcliError, UsageError
+from qcli.methods.registry import CALIBRATION_METHODS, DATA_METHODS, load_all
+from qcli.quant.spec import BitConfig
+from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
+from qcli.ui import RichUI
+
+load_all()
+
+
+class BitsType(click.ParamType):
+    name = "BITS"
+
+    def convert(self, value: Any, param, ctx) -> BitConfig:
+        if isinstance(value, BitConfig):
+            return value
+        try:
+            return BitConfig.parse(str(value))
+        except UsageError as e:
+            self.fail(str(e).removeprefix("--bits: "), param, ctx)
+
+
+def _floats3(ctx, param, value: str | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise click.BadParameter("give three comma-separated numbers, e.g. 0.5,0.5,0.5")
+    return parts
+
+
+def model_options(fn: Callable) -> Callable:
+    """--weights, --arch, --trust-pickle and input overrides: everything that completes MODEL."""
+    opts = [
+        click.option("--weights", type=click.Path(dir_okay=False), help="Weights file (state dict) for builtin:/timm:/torchvision: models."),
+        click.option("--arch", help="Architecture (a MODEL spec) for a state-dict file."),
+        click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled module (unpickling runs code)."),
+        click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for timm:/torchvision: models."),
+        click.option("--image-size", type=click.IntRange(min=8), help="Override the model's input size."),
+        click.option("--mean", callback=_floats3, help="Override normalization mean, e.g. 0.5,0.5,0.5."),
+        click.option("--std", callback=_floats3, help="Override normalization std."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _model(spec: str, kw: dict) -> ModelOptions:
+    overrides = {k: kw.pop(k) for k in ("image_size", "mean", "std")}
+    overrides = {("size" if k == "image_size" else k): v for k, v in overrides.items() if v is not None}
+    return ModelOptions(
+        spec=spec,
+        weights=kw.pop("weights"),
+        arch=kw.pop("arch"),
+        trust_pickle=kw.pop("trust_pickle"),
+        num_classes=kw.pop("num_classes"),
+        input_overrides=overrides,
+    )
+
+
+def data_options(required: bool) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        opts = [
+            click.option("--data", "data_path", type=click.Path(path_type=Path), required=required, help="Image folder (ImageFolder layout or flat) or a qcli data-set folder."),
+            click.option("--class-list", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Class ids, one per line (labels = line numbers)."),
+            click.option("--limit", type=click.IntRange(min=1), help="Use a fixed-seed random subset of this many images."),
+            click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        ]
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+
+    return wrap
+
+
+def _data(kw: dict) -> DataOptions | None:
+    path = kw.pop("data_path")
+    opts = (kw.pop("class_list"), kw.pop("limit"), kw.pop("batch_size"))
+    return None if path is None else DataOptions(path, opts[1], opts[0], opts[2])
+
+
+def common(fn: Callable) -> Callable:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
+    return click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives the same result.")(fn)
+
+
+def run_stage(title: str, rows: Callable[[dict], list[tuple]]) -> Callable:
+    """Wrap a command body: build the UI, run, print the table or JSON, map errors to exits."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, as_json: bool = False, **kwargs):
+            ui = RichUI(json_mode=as_json)
+            try:
+                result = fn(*args, ui=ui, **kwargs)
+            except QcliError as e:
+                ui.err.print(f"[red]error:[/] {e}", highlight=False)
+                sys.exit(e.exit_code)
+            except KeyboardInterrupt:
+                ui.err.print("[red]interrupted[/]: previous outputs are left as they were")
+                sys.exit(130)
+            except Exception as e:
+                if os.environ.get("QCLI_DEBUG"):
+                    raise
+                ui.err.print(f"[red]internal error:[/] {type(e).__name__}: {e} (QCLI_DEBUG=1 shows the traceback)", highlight=False)
+                sys.exit(1)
+            if as_json:
+                click.echo(dump_json(result))
+            else:
+                ui.table(title, ["", ""], rows(result))
+
+        return wrapper
+
+    return deco
+
+
+def _kv(keys: list[str]) -> Callable[[dict], list[tuple]]:
+    return lambda r: [(k, r.get(k)) for k in keys if k in r]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="qcli")
+def cli() -> None:
+    """Quantize PyTorch vision models to ONNX QDQ that onnxruntime runs with integer kernels.
+
+    \b
+    One line, data-free, on the embedded EfficientNet-Lite0:
+      qcli quantize --bits 4 --out effl0-w4
+    Or stage by stage (each a file in, a file out):
+      qcli generate-data builtin:efficientnet_lite0 --method bns --num-images 64 --out calib/
+      qcli calibrate builtin:efficientnet_lite0 --data calib/ --bits w8a8 --out m.qcli
+      qcli export m.qcli --out m.onnx
+      qcli eval m.onnx --data images/ --reference builtin:efficientnet_lite0
+    """
+
+
+# -- quantize -------------------------------------------------------------------------------
+
+
+def _quantize_rows(r: dict) -> list[tuple]:
+    fp, q = r["eval_fp"], r["eval_quantized"]
+    lat_fp, lat_q = fp.get("latency_ms", {}), q.get("latency_ms", {})
+    rows = [
+        ("model", r["model"]),
+        ("bits / method", f"{r['bits']} / {r['method']}"),
+        ("evaluated on", r["eval_data"]),
+        ("top-1 FP -> quantized", f"{_pct(fp['top1'])} -> {_pct(q['top1'])}"),
+        ("agreement with FP", _pct(q.get("agreement_with_reference"))),
+        ("sim vs onnxruntime", f"{r['export']['check']['disagreement_pct']:.2f}% top-1 differ"),
+        ("latency b1 FP -> ONNX", f"{lat_fp.get(1, '-')} -> {lat_q.get(1, '-')} ms"),
+        ("latency b64 FP -> ONNX", f"{lat_fp.get(64, '-')} -> {lat_q.get(64, '-')} ms"),
+        ("size FP -> ONNX", f"{_mb(fp.get('bytes'))} -> {_mb(q.get('bytes'))}"),
+        ("output", f"{r['out']}/model.onnx"),
+    ]
+    return rows
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2f}%"
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v / 2**20:.2f} MB"
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--bits", type=BitsType(), default="4", show_default=True, help="wXaY, or weight bits alone (activations 8).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (model.qcli, model.onnx, summary.json).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--method", type=click.Choice(sorted(CALIBRATION_METHODS)), help="Calibration method (default: the best available).")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Labelled images to evaluate on (default: --data).")
+@click.option("--num-images", type=click.IntRange(min=1), default=64, show_default=True, help="Images to generate when no --data is given.")
+@click.option("--gen-iters", type=click.IntRange(min=1), default=50, show_default=True, help="Generator iterations when no --data is given.")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@model_options
+@data_options(required=False)
+@common
+@run_stage("qcli quantize", _quantize_rows)
+def quantize(model, bits, out, force, method, eval_data, num_images, gen_iters, no_latency, seed, ui, **kw):
+    """The whole chain: [generate data] -> calibrate -> export -> eval against FP.
+
+    \b
+    Examples:
+      qcli quantize --bits 4 --out effl0-w4          # embedded EfficientNet-Lite0, data-free
+      qcli quantize builtin:resnet20_cifar10 --weights r20.th --bits w8a8 \\
+          --data cifar10/train --limit 1024 --eval-data cifar10/test --out r20-w8
+    """
+    from qcli.stages.quantize import QuantizeConfig
+    from qcli.stages.quantize import quantize as run
+
+    mo = _model(model, kw)
+    data = _data(kw)
+    ev = DataOptions(eval_data, batch_size=data.batch_size if data else 32) if eval_data else None
+    cfg = QuantizeConfig(mo, out, bits, data, ev, method, gen_images=num_images, gen_iters=gen_iters, seed=seed, force=force, latency=not no_latency)
+    return run(cfg, ui)
+
+
+# -- generate-data --------------------------------------------------------------------------
+
+
+@cli.command("generate-data")
+@click.argument("model")
+@click.option("--method", type=click.Choice(sorted(DATA_METHODS)), default="bns", show_default=True)
+@click.option("--num-images", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--iters", type=int, default=200, show_default=True, help="Optimization steps per batch.")
+@click.option("--lr", type=float, help="Learning rate of the image optimizer.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@model_options
+@common
+@run_stage("qcli generate-data", _kv(["out", "method", "images", "seconds", "images_per_second", "final_bn_loss"]))
+def generate_data(model, method, num_images, batch_size, iters, lr, out, force, seed, ui, **kw):
+    """Generate calibration images from the model alone (no data needed).
+
+    \b
+    Example:
+      qcli generate-data builtin:resnet20_cifar10 --weights r20.th --method bns \\
+          --num-images 256 --out r20-calib/
+    """
+    from qcli.stages.generate_data import GenerateConfig, generate
+
+    cfg = GenerateConfig(_model(model, kw), out, method, num_images, batch_size, iters, lr, seed, force)
+    return generate(cfg, ui)
+
+
+# -- calibrate ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--bits", type=BitsType(), default="w8a8", show_default=True, help="wXaY, e.g. w4a8.")
+@click.option("--method", type=click.Choice(sorted(CALIBRATION_METHODS)), default="mse", show_default=True)
+@click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Quantized-model folder (.qcli).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@model_options
+@data_options(required=True)
+@common
+@run_stage("qcli calibrate", _kv(["out", "model", "bits", "method", "layers", "activation_quantizers", "images", "seconds"]))
+def calibrate(model, bits, method, keep_fp, out, force, seed, ui, **kw):
+    """Quantize MODEL using calibration images; writes a .qcli folder.
+
+    \b
+    Example:
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --limit 1024 --bits w4a8 --method mse --out r20-w4a8.qcli
+    """
+    from qcli.stages.calibrate import CalibrateConfig
+    from qcli.stages.calibrate import calibrate as run
+
+    keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
+    cfg = CalibrateConfig(_model(model, kw), _data(kw), out, bits, method, keep, seed, force)
+    return run(cfg, ui)
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("qmodel", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--check-data", type=click.Path(path_type=Path), help="Images for the onnxruntime check (default: the calibration data).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@common
+@run_stage("qcli export", lambda r: [("out", r["out"]), ("opset", r["opset"]), ("bits", r["bits"]), ("size", _mb(r["bytes"])), ("sim vs onnxruntime", f"{r['check']['disagreement_pct']:.2f}% top-1 differ, max |Δlogit| {r['check']['max_abs_diff']:.3g}")])
+def export(qmodel, out, check_data, force, seed, ui):
+    """Write a .qcli folder as ONNX QDQ and check onnxruntime against the simulation.
+
+    \b
+    Example:
+      qcli export r20-w4a8.qcli --out r20-w4a8.onnx
+    """
+    from qcli.stages.export import ExportConfig
+    from qcli.stages.export import export as run
+
+    if not qmodel.exists():
+        raise QcliError(f"quantized model '{qmodel}' does not exist")
+    return run(ExportConfig(qmodel, out, check_data, force=force, seed=seed), ui)
+
+
+# -- eval -----------------------------------------------------------------------------------
+
+
+def _eval_rows(r: dict) -> list[tuple]:
+    rows = [("target", r["target"]), ("kind", r["kind"]), ("images", r["n_images"]), ("top-1", _pct(r["top1"])), ("top-5", _pct(r["top5"]))]
+    if r.get("agreement_with_reference") is not None:
+        rows.append(("agreement with reference", _pct(r["agreement_with_reference"])))
+    for b, ms in r.get("latency_ms", {}).items():
+        rows.append((f"latency batch {b}", f"{ms} ms"))
+    if "bytes" in r:
+        rows.append(("size", _mb(r["bytes"])))
+    if r.get("skipped_images"):
+        rows.append(("skipped images", r["skipped_images"]))
+    return rows
+
+
+@cli.command("eval")
+@click.argument("target")
+@click.option("--reference", help="Model, .qcli or .onnx to compare top-1 predictions with.")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@model_options
+@data_options(required=True)
+@common
+@run_stage("qcli eval", _eval_rows)
+def eval_cmd(target, reference, no_latency, threads, seed, ui, **kw):
+    """Top-1/top-5, agreement, latency and size of an ONNX file, a .qcli folder or a MODEL.
+
+    \b
+    Example:
+      qcli eval r20-w4a8.onnx --data cifar10/test --reference builtin:resnet20_cifar10 \\
+          --weights r20.th --json
+    """
+    from qcli.stages.evaluate import EvalConfig, evaluate
+
+    mo = _model(target, kw)
+    cfg = EvalConfig(target, _data(kw), reference, mo, not no_latency, threads, seed)
+    return evaluate(cfg, ui)
+
+
+def main() -> None:
+    cli(prog_name="qcli")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Image folders as data sets: ImageFolder layout, optional class list, lazy decoding.
+
+Images are decoded in `__getitem__`, not up front, so a 50,000-image folder costs only its
+file list until it is read. A file that fails to decode is recorded in `.skipped` and raises
+`UnreadableImage`, which `iterate()` catches: one bad JPEG never ends an evaluation, and the
+caller can report how many were left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from qcli.errors import QcliError, UsageError
+from qcli.models.spec import InputSpec
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+CLASS_LIST_FILES = ("wnids.txt", "classes.txt")
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+ClassList = str | Path | Sequence[str]
+
+
+class UnreadableImage(QcliError):
+    """An image file that PIL cannot decode; `iterate()` skips it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"image '{path}' cannot be read ({reason})")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalized float tensor [3, H, W] following an InputSpec.
+
+    Resize the shorter side to `resize`, center-crop to `size`, and if the result still
+    differs from `size` (no crop, or an image smaller than the crop) resize to exactly `size`.
+    """
+
+    spec: InputSpec
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        spec = self.spec
+        mode = InterpolationMode(spec.interpolation)
+        image = image.convert("RGB")
+        if spec.resize is not None:
+            image = F.resize(image, [spec.resize], interpolation=mode)
+        if spec.crop:
+            image = F.center_crop(image, list(spec.size))
+        if (image.height, image.width) != spec.size:
+            image = F.resize(image, list(spec.size), interpolation=mode)
+        x = F.pil_to_tensor(image).float().div_(255.0)
+        mean = torch.tensor(spec.mean).view(3, 1, 1)
+        std = torch.tensor(spec.std).view(3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def read_class_list(path: Path) -> list[str]:
+    """One class id per line (blank lines ignored); label = line number among the ids."""
+    path = Path(path)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QcliError(f"class list '{path}' cannot be read ({exc})") from exc
+    names = [n for n in names if n]
+    if not names:
+        raise QcliError(f"class list '{path}' is empty")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise QcliError(f"class list '{path}' names {duplicates[0]!r} more than once")
+    return names
+
+
+def is_image(path: Path) -> bool:
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    )
+
+
+def select_indices(count: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded random subset of `limit` positions (kept in file order), or all of them."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    if limit <= 0:
+        raise UsageError(f"--limit must be positive, got {limit}")
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(count, generator=generator)[:limit].tolist())
+
+
+class ImageFolderSet(Dataset):
+    """`root/<class>/<image>` (labelled) or `root/<image>` (unlabelled, label -1).
+
+    Labels are the folder's position in sorted order, or its line in a class list (given, or
+    `root/wnids.txt` / `root/classes.txt`) so a subset of classes keeps the full label space.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        input_spec: InputSpec,
+        class_list: ClassList | None = None,
+        limit: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.input_spec = input_spec
+        self.transform = ImageTransform(input_spec)
+        samples, self.classes = scan_folder(self.root, class_list)
+        self.samples = [samples[i] for i in select_indices(len(samples), limit, seed)]
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                tensor = self.transform(image)
+        except DECODE_ERRORS as exc:
+            reason = str(exc) or type(exc).__name__
+            if all(p != str(path) for p, _ in self.skipped):
+                self.skipped.append((str(path), reason))
+            raise UnreadableImage(path, reason) from exc
+        return tensor, label
+
+
+def scan_folder(
+    root: Path, class_list: ClassList | None
+) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(sorted (path, label) pairs, class names); QcliError for a missing or empty folder."""
+    if not root.exists():
+        raise QcliError(f"image folder '{root}' does not exist")
+    if not root.is_dir():
+        raise QcliError(f"image folder '{root}' is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        samples = [(p, -1) for p in sorted(root.iterdir()) if is_image(p)]
+        if not samples:
+            raise QcliError(f"image folder '{root}' holds no images (jpg, jpeg, png, bmp, webp)")
+        return samples, []
+    classes, source = _resolve_classes(root, class_dirs, class_list)
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for folder in class_dirs:
+        if folder.name not in index:
+            raise QcliError(f"class folder '{folder}' is not in the class list {source}")
+        label = index[folder.name]
+        samples += [(p, label) for p in sorted(folder.rglob("*")) if is_image(p)]
+    if not samples:
+        raise QcliError(f"image folder '{root}' holds no images (jpg, jpeg, png, bmp, webp)")
+    return samples, classes
+
+
+def _resolve_classes(
+    root: Path, class_dirs: list[Path], class_list: ClassList | None
+) -> tuple[list[str], str]:
+    if class_list is None:
+        for name in CLASS_LIST_FILES:
+            if (root / name).is_file():
+                class_list = root / name
+                break
+    if class_list is None:
+        return [p.name for p in class_dirs], "(sorted folder names)"
+    if isinstance(class_list, str | Path):
+        return read_class_list(Path(class_list)), f"'{class_list}'"
+    return [str(c) for c in class_list], "given"

@@ -1,0 +1,115 @@
+"""An onnxruntime session that behaves like a torch model: tensor in, logits tensor out.
+
+Wrapping the session this way lets `accuracy` and `latency` measure the deployed file with
+exactly the code that measures the PyTorch simulation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from qcli.errors import QcliError, UsageError
+
+_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+_DEVICES = ("cpu", "cuda", "auto")
+
+
+def _providers(device: str) -> list[str]:
+    """CPU unless CUDA is asked for; 'auto' takes CUDA only when this onnxruntime has it."""
+    if device not in _DEVICES:
+        raise UsageError(f"device '{device}' is not one of {', '.join(_DEVICES)}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise QcliError(
+            "device 'cuda' was asked for but this onnxruntime only has " + ", ".join(available)
+        )
+    if device != "cpu" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise QcliError(f"ONNX model file '{path}' does not exist")
+    if not path.is_file():
+        raise QcliError(f"ONNX model path '{path}' is not a file")
+
+
+class OrtModel:
+    """Callable onnxruntime model: `OrtModel("m.onnx")(x) -> logits`.
+
+    Graph optimizations are on (that is what a deployment runs). A model exported with a fixed
+    batch size still accepts any batch: the input is run in chunks of that size.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu"):
+        self.path = Path(path)
+        _check_file(self.path)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), _session_options(threads), providers=_providers(device)
+            )
+        except QcliError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own untyped pybind errors
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QcliError(
+                f"file '{self.path}' is not a valid ONNX model onnxruntime can load ({reason})"
+            ) from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise QcliError(
+                f"ONNX model '{self.path}' has {len(inputs)} inputs; expected one image"
+            )
+        self.input_name: str = inputs[0].name
+        self.output_name: str = self.session.get_outputs()[0].name
+        self.input_shape: list[int | str | None] = list(inputs[0].shape)
+        self.providers: list[str] = self.session.get_providers()
+        self._dtype = _DTYPES.get(inputs[0].type, np.float32)
+        batch = self.input_shape[0] if self.input_shape else None
+        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=self._dtype)
+        if self.fixed_batch is None or arr.shape[0] == self.fixed_batch:
+            out = self._run(arr)
+        else:
+            out = self._run_chunked(arr, self.fixed_batch)
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+    def _run(self, arr: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: arr})[0]
+
+    def _run_chunked(self, arr: np.ndarray, size: int) -> np.ndarray:
+        """Run a fixed-batch model over any batch, zero-padding the last chunk."""
+        outs = []
+        for start in range(0, arr.shape[0], size):
+            chunk = arr[start : start + size]
+            n = chunk.shape[0]
+            if n < size:
+                pad = np.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self._run(chunk)[:n])
+        return np.concatenate(outs)
+
+    def __repr__(self) -> str:
+        return f"OrtModel('{self.path}', providers={self.providers})"

@@ -1,0 +1,494 @@
+"""Write a QuantGraph as a standard ONNX QDQ model.
+
+The writer walks the same fx graph that the simulation runs, through the same op table
+(`quant.ops`), so every quantizer of the simulation becomes exactly one QuantizeLinear /
+DequantizeLinear pair here and nothing else is quantized.
+
+Storage:
+- weights are stored as integers: int8 at 5-8 bits, int4 (opset 21) at 2-4 bits. Below the
+  storage width the values simply stay inside the narrower range [qmin, qmax], so 2- and
+  3-bit weights are exact inside int4 storage;
+- activations use uint8 (int8 when signed) at every width. Below 8 bits a Clip to
+  [(qmin - zp)·s, (qmax - zp)·s] precedes QuantizeLinear, which makes its saturation equal
+  the narrower clamp of the simulation. uint4 activations are avoided on purpose: onnxruntime
+  has no integer kernels for them, and its Clip->QuantizeLinear fusion rejects a uint4 zero
+  point (onnxruntime 1.32 fails to load such a model);
+- conv/linear biases are int32 on the grid input_scale × weight_scale, as onnxruntime's
+  integer kernels (QLinearConv) consume them; the simulation rounds them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import fx, nn
+
+from qcli import __version__
+from qcli.errors import QcliError
+from qcli.quant import ops
+from qcli.quant.capture import QuantGraph, hardtanh_bounds
+from qcli.quant.modules import QConv2d, QLinear
+from qcli.quant.primitives import bias_scale
+from qcli.quant.quantizer import Quantizer
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def _storage(bits: int, signed: bool, weight: bool = False) -> tuple[int, int, int]:
+    """ONNX dtype and its integer range: 4-bit types for weights of 4 bits and below, else 8."""
+    if bits > 4 or not weight:
+        return (TensorProto.INT8, -128, 127) if signed else (TensorProto.UINT8, 0, 255)
+    return (TensorProto.INT4, -8, 7) if signed else (TensorProto.UINT4, 0, 15)
+
+
+def needs_opset21(qg: QuantGraph) -> bool:
+    """int4 weight storage exists from opset 21 on."""
+    return any(
+        layer.weight_quantizer is not None and layer.weight_quantizer.spec.bits <= 4
+        for _, layer in qg.layers()
+    )
+
+
+@dataclass
+class _QInfo:
+    """The grid a value is on, so passthrough ops can restate it after moving values."""
+
+    scale: str
+    zero_point: str
+    clip: tuple[float, float] | None
+
+
+@dataclass
+class _Writer:
+    opset: int
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    names: set = field(default_factory=set)
+    qinfo: dict = field(default_factory=dict)
+
+    def fresh(self, hint: str) -> str:
+        base = hint.replace(".", "_")
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def const(self, hint: str, value, dtype: int = TensorProto.FLOAT) -> str:
+        arr = np.asarray(value)
+        name = self.fresh(hint)
+        if dtype in (TensorProto.INT4, TensorProto.UINT4):
+            vals = arr.astype(np.int64).reshape(-1).tolist()
+            self.inits.append(helper.make_tensor(name, dtype, arr.shape, vals))
+        else:
+            np_type = helper.tensor_dtype_to_np_dtype(dtype)
+            self.inits.append(onnx.numpy_helper.from_array(arr.astype(np_type), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    # -- quantization -------------------------------------------------------------------
+
+    def qdq(self, x: str, q: Quantizer, hint: str) -> str:
+        spec = q.spec
+        dtype, lo, hi = _storage(spec.bits, spec.signed)
+        scale = q.scale.detach().float().cpu().numpy()
+        zp = q.zero_point.detach().cpu().numpy().round().astype(np.int64)
+        s_name = self.const(f"{hint}_scale", scale)
+        z_name = self.const(f"{hint}_zero_point", zp, dtype)
+        clip = None
+        if (spec.qmin, spec.qmax) != (lo, hi):
+            clip = (
+                float(np.float32((spec.qmin - zp) * scale)),
+                float(np.float32((spec.qmax - zp) * scale)),
+            )
+        return self._qdq_with(x, _QInfo(s_name, z_name, clip), hint)
+
+    def _qdq_with(self, x: str, info: _QInfo, hint: str) -> str:
+        if info.clip is not None:
+            lo = self.const(f"{hint}_clip_lo", np.float32(info.clip[0]))
+            hi = self.const(f"{hint}_clip_hi", np.float32(info.clip[1]))
+            x = self.op("Clip", [x, lo, hi], f"{hint}_clip")
+        xq = self.op("QuantizeLinear", [x, info.scale, info.zero_point], f"{hint}_q")
+        out = self.op("DequantizeLinear", [xq, info.scale, info.zero_point], f"{hint}_dq")
+        self.qinfo[out] = info
+        return out
+
+    def restate_grid(self, src: str, out: str, hint: str) -> str:
+        """After a passthrough op, repeat its input's Q/DQ so onnxruntime keeps integer paths."""
+        info = self.qinfo.get(src)
+        return out if info is None else self._qdq_with(out, info, hint)
+
+    def weight(self, layer: QConv2d | QLinear, hint: str) -> str:
+        wq = layer.weight_quantizer
+        w = layer.weight.detach().float().cpu()
+        if wq is None or not wq.enabled:
+            return self.const(f"{hint}_weight", w.numpy())
+        dtype, _, _ = _storage(wq.spec.bits, wq.spec.signed, weight=True)
+        ints = wq.quantize_int(w).numpy()
+        q = self.const(f"{hint}_weight_int", ints, dtype)
+        s = self.const(f"{hint}_weight_scale", wq.scale.detach().float().cpu().numpy())
+        zp = wq.zero_point.detach().cpu().numpy().round()
+        z = self.const(f"{hint}_weight_zero_point", zp, dtype)
+        return self.op("DequantizeLinear", [q, s, z], f"{hint}_weight_dq", axis=0)
+
+    def bias(self, layer: QConv2d | QLinear, hint: str) -> str | None:
+        if layer.bias is None:
+            return None
+        b = layer.bias.detach().float().cpu()
+        wq, iq = layer.weight_quantizer, layer.input_quantizer
+        if layer.quantized_bias() is layer.bias:  # float bias: weight or input not quantized
+            return self.const(f"{hint}_bias", b.numpy())
+        s = bias_scale(iq.scale.detach().float().cpu(), wq.scale.detach().float().cpu())
+        ints = torch.round(b / s).to(torch.int64).numpy()
+        if np.abs(ints).max(initial=0) >= 2**31:
+            raise QcliError(f"layer '{hint}': bias does not fit the int32 accumulator grid")
+        q = self.const(f"{hint}_bias_int", ints, TensorProto.INT32)
+        s_name = self.const(f"{hint}_bias_scale", s.numpy())
+        z = self.const(f"{hint}_bias_zero_point", np.zeros(ints.shape), TensorProto.INT32)
+        return self.op("DequantizeLinear", [q, s_name, z], f"{hint}_bias_dq", axis=0)
+
+
+def to_onnx(qg: QuantGraph) -> onnx.ModelProto:
+    """The QDQ ONNX model of `qg`, in memory."""
+    opset = 21 if needs_opset21(qg) else 17
+    w = _Writer(opset)
+    gm = qg.module
+    mods = dict(gm.named_modules())
+    env: dict[fx.Node, str] = {}
+    outputs: list[str] = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = INPUT_NAME
+            w.names.add(INPUT_NAME)
+        elif n.op == "output":
+            outputs.append(_arg(env, n.args[0]))
+        elif n.op == "get_attr" or "tensor_meta" not in n.meta:
+            raise QcliError(f"cannot export {ops.describe(n, mods)}: not a tensor operation")
+        else:
+            env[n] = _emit(w, n, mods, env)
+    if len(outputs) != 1:
+        raise QcliError("qcli exports models with exactly one output tensor")
+    final = w.op("Identity", [outputs[0]], OUTPUT_NAME)
+    c, h, wd = qg.input_shape
+    graph = helper.make_graph(
+        w.nodes,
+        "qcli",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", c, h, wd])],
+        [helper.make_tensor_value_info(final, TensorProto.FLOAT, ["N", None])],
+        w.inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qcli"
+    )
+    model.producer_version = __version__
+    bits = {name: q.spec.bits for name, q in qg.quantizers()}
+    helper.set_model_props(
+        model,
+        {"qcli_version": __version__, "qcli_bits": str(qg.bits), "qcli_quantizers": json.dumps(bits)},
+    )
+    return model
+
+
+def _arg(env: dict, a) -> str:
+    if not isinstance(a, fx.Node):
+        raise QcliError(f"unexpected non-tensor graph argument {a!r}")
+    return env[a]
+
+
+def _shape(n: fx.Node) -> tuple[int, ...]:
+    return tuple(n.meta["tensor_meta"].shape)
+
+
+def _emit(w: _Writer, n: fx.Node, mods: dict[str, nn.Module], env: dict) -> str:
+    op = ops.classify(n, mods)
+    if op is None:
+        raise QcliError(f"cannot export {ops.describe(n, mods)}: unsupported operation")
+    hint = str(n.target) if n.op == "call_module" else n.name
+    x = env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+    m = mods.get(n.target) if n.op == "call_module" else None
+    handler = _HANDLERS.get(op.name)
+    if handler is None:
+        raise QcliError(f"cannot export {ops.describe(n, mods)}: no ONNX writer for '{op.name}'")
+    out = handler(w, n, m, x, env, hint)
+    if op.kind == ops.PASSTHROUGH and x is not None:
+        out = w.restate_grid(x, out, hint)
+    return out
+
+
+# -- op handlers: (writer, node, module or None, first input name, env, hint) -> output -----
+
+
+def _quant(w, n, m, x, env, hint):
+    return w.qdq(x, m, hint)
+
+
+def _conv(w, n, m: QConv2d, x, env, hint):
+    weight = w.weight(m, hint)
+    bias = w.bias(m, hint)
+    if m.pads is not None:
+        left, right, top, bottom = m.pads
+        pads = [top, left, bottom, right]
+    else:
+        ph, pw = m.padding
+        pads = [ph, pw, ph, pw]
+    inputs = [x, weight] + ([bias] if bias else [])
+    return w.op(
+        "Conv",
+        inputs,
+        hint,
+        kernel_shape=list(m.kernel_size),
+        strides=list(m.stride),
+        pads=pads,
+        dilations=list(m.dilation),
+        group=m.groups,
+    )
+
+
+def _linear(w, n, m: QLinear, x, env, hint):
+    weight = w.weight(m, hint)
+    bias = w.bias(m, hint)
+    if len(_shape(n.args[0])) == 2:
+        return w.op("Gemm", [x, weight] + ([bias] if bias else []), hint, transB=1)
+    wt = w.op("Transpose", [weight], f"{hint}_wT", perm=[1, 0])
+    y = w.op("MatMul", [x, wt], hint)
+    return w.op("Add", [y, bias], f"{hint}_bias_add") if bias else y
+
+
+def _binary(onnx_op: str):
+    def handler(w, n, m, x, env, hint):
+        a, b = n.args[0], n.args[1]
+        names = []
+        for v in (a, b):
+            if isinstance(v, fx.Node):
+                names.append(env[v])
+            else:
+                names.append(w.const(f"{hint}_const", np.float32(v)))
+        return w.op(onnx_op, names, hint)
+
+    return handler
+
+
+def _unary(onnx_op: str, **attrs):
+    def handler(w, n, m, x, env, hint):
+        return w.op(onnx_op, [x], hint, **attrs)
+
+    return handler
+
+
+def _clip(w, n, m, x, env, hint):
+    if n.op == "call_module" and isinstance(m, nn.ReLU6) or _is_relu6_fn(n):
+        lo, hi = 0.0, 6.0
+    else:
+        lo, hi = hardtanh_bounds(n, {n.target: m} if m is not None else {})
+    return w.op(
+        "Clip",
+        [x, w.const(f"{hint}_min", np.float32(lo)), w.const(f"{hint}_max", np.float32(hi))],
+        hint,
+    )
+
+
+def _is_relu6_fn(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is torch.nn.functional.relu6
+
+
+def _silu(w, n, m, x, env, hint):
+    return w.op("Mul", [x, w.op("Sigmoid", [x], f"{hint}_sigmoid")], hint)
+
+
+def _gelu(w, n, m, x, env, hint):
+    approx = (m.approximate if m is not None else n.kwargs.get("approximate", "none")) or "none"
+    if w.opset >= 20:
+        return w.op("Gelu", [x], hint, approximate=approx)
+    if approx != "none":
+        raise QcliError(f"cannot export '{hint}': tanh-approximated GELU needs opset 20")
+    c = w.const(f"{hint}_rsqrt2", np.float32(1 / np.sqrt(2)))
+    erf = w.op("Erf", [w.op("Mul", [x, c], f"{hint}_scaled")], f"{hint}_erf")
+    one = w.const(f"{hint}_one", np.float32(1.0))
+    half = w.const(f"{hint}_half", np.float32(0.5))
+    return w.op("Mul", [w.op("Mul", [x, half], f"{hint}_halfx"), w.op("Add", [erf, one], f"{hint}_1perf")], hint)
+
+
+def _cat(w, n, m, x, env, hint):
+    tensors = n.args[0]
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    return w.op("Concat", [env[t] for t in tensors], hint, axis=int(dim))
+
+
+def _mean(w, n, m, x, env, hint):
+    rank = len(_shape(n.args[0]))
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    dims = [d % rank for d in ((dims,) if isinstance(dims, int) else dims)]
+    if sorted(dims) == [2, 3] and rank == 4 and keep:
+        return w.op("GlobalAveragePool", [x], hint)
+    if w.opset >= 18:
+        axes = w.const(f"{hint}_axes", np.array(dims, dtype=np.int64), TensorProto.INT64)
+        return w.op("ReduceMean", [x, axes], hint, keepdims=int(bool(keep)))
+    return w.op("ReduceMean", [x], hint, axes=dims, keepdims=int(bool(keep)))
+
+
+def _adaptive_avgpool(w, n, m, x, env, hint):
+    size = m.output_size if m is not None else n.args[1]
+    size = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    in_hw = _shape(n.args[0])[2:]
+    if size == (1, 1):
+        return w.op("GlobalAveragePool", [x], hint)
+    if tuple(s or i for s, i in zip(size, in_hw, strict=True)) == tuple(in_hw):
+        return w.op("Identity", [x], hint)
+    raise QcliError(f"cannot export '{hint}': adaptive average pooling to {size} is not supported")
+
+
+def _pool_attrs(m, n) -> tuple[dict, list[int], bool]:
+    if m is not None:
+        k, s, p = m.kernel_size, m.stride, m.padding
+        ceil = m.ceil_mode
+        extra = {"dilation": getattr(m, "dilation", 1)}
+        cip = getattr(m, "count_include_pad", True)
+    else:
+        args = list(n.args[1:]) + [None] * 5
+        k = args[0] if args[0] is not None else n.kwargs["kernel_size"]
+        s = args[1] if args[1] is not None else n.kwargs.get("stride") or k
+        p = args[2] if args[2] is not None else n.kwargs.get("padding", 0)
+        ceil = n.kwargs.get("ceil_mode", False)
+        extra = {"dilation": n.kwargs.get("dilation", 1)}
+        cip = n.kwargs.get("count_include_pad", True)
+
+    def pair(v):
+        return [v, v] if isinstance(v, int) else list(v)
+
+    attrs = {"kernel_shape": pair(k), "strides": pair(s), "pads": pair(p) * 2, "ceil_mode": int(ceil)}
+    return attrs, pair(extra["dilation"]), cip
+
+
+def _maxpool(w, n, m, x, env, hint):
+    attrs, dil, _ = _pool_attrs(m, n)
+    return w.op("MaxPool", [x], hint, dilations=dil, **attrs)
+
+
+def _avgpool(w, n, m, x, env, hint):
+    attrs, _, cip = _pool_attrs(m, n)
+    return w.op("AveragePool", [x], hint, count_include_pad=int(cip), **attrs)
+
+
+def _batchnorm(w, n, m: nn.BatchNorm2d, x, env, hint):
+    c = m.num_features
+    scale = m.weight.detach().numpy() if m.affine else np.ones(c)
+    bias = m.bias.detach().numpy() if m.affine else np.zeros(c)
+    ins = [
+        x,
+        w.const(f"{hint}_scale", scale),
+        w.const(f"{hint}_bias", bias),
+        w.const(f"{hint}_mean", m.running_mean.numpy()),
+        w.const(f"{hint}_var", m.running_var.numpy()),
+    ]
+    return w.op("BatchNormalization", ins, hint, epsilon=float(m.eps))
+
+
+def _identity(w, n, m, x, env, hint):
+    return w.op("Identity", [x], hint)
+
+
+def _flatten(w, n, m, x, env, hint):
+    start = m.start_dim if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0))
+    end = m.end_dim if m is not None else (n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1))
+    rank = len(_shape(n.args[0]))
+    if end % rank == rank - 1:
+        return w.op("Flatten", [x], hint, axis=int(start))
+    return _reshape(w, n, m, x, env, hint)
+
+
+def _reshape(w, n, m, x, env, hint):
+    shape = list(_shape(n))
+    shape[0] = -1 if _shape(n.args[0])[0] == shape[0] else shape[0]
+    s = w.const(f"{hint}_shape", np.array(shape, dtype=np.int64), TensorProto.INT64)
+    return w.op("Reshape", [x, s], hint)
+
+
+def _getitem(w, n, m, x, env, hint):
+    idx = n.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    starts, ends, axes, steps = [], [], [], []
+    for axis, sl in enumerate(idx):
+        if sl is Ellipsis or not isinstance(sl, slice):
+            raise QcliError(f"cannot export '{hint}': only plain slicing of tensors is supported")
+        if sl == slice(None):
+            continue
+        starts.append(sl.start or 0)
+        ends.append(sl.stop if sl.stop is not None else np.iinfo(np.int64).max)
+        axes.append(axis)
+        steps.append(sl.step or 1)
+    if not axes:
+        return w.op("Identity", [x], hint)
+    consts = [
+        w.const(f"{hint}_{k}", np.array(v, dtype=np.int64), TensorProto.INT64)
+        for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))
+    ]
+    return w.op("Slice", [x, *consts], hint)
+
+
+def _pad(w, n, m, x, env, hint):
+    if m is not None:
+        pad, value, mode = list(m.padding), float(getattr(m, "value", 0.0)), "constant"
+    else:
+        pad = list(n.args[1])
+        mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+        value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value", 0.0)
+        value = 0.0 if value is None else float(value)
+    if mode != "constant" or value != 0.0:
+        raise QcliError(f"cannot export '{hint}': only zero padding is supported")
+    rank = len(_shape(n.args[0]))
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    p = w.const(f"{hint}_pads", np.array(begins + ends, dtype=np.int64), TensorProto.INT64)
+    return w.op("Pad", [x, p], hint, mode="constant")
+
+
+def _permute(w, n, m, x, env, hint):
+    dims = n.args[1:] if n.op == "call_method" else n.args[1]
+    dims = list(dims[0] if len(dims) == 1 and isinstance(dims[0], list | tuple) else dims)
+    return w.op("Transpose", [x], hint, perm=dims)
+
+
+_HANDLERS = {
+    "quant": _quant,
+    "conv": _conv,
+    "linear": _linear,
+    "relu": _unary("Relu"),
+    "relu6": _clip,
+    "hardtanh": _clip,
+    "sigmoid": _unary("Sigmoid"),
+    "hardsigmoid": _unary("HardSigmoid", alpha=1.0 / 6, beta=0.5),
+    "hardswish": _unary("HardSwish"),
+    "tanh": _unary("Tanh"),
+    "silu": _silu,
+    "gelu": _gelu,
+    "add": _binary("Add"),
+    "sub": _binary("Sub"),
+    "mul": _binary("Mul"),
+    "div": _binary("Div"),
+    "cat": _cat,
+    "mean": _mean,
+    "avgpool": _avgpool,
+    "adaptive_avgpool": _adaptive_avgpool,
+    "maxpool": _maxpool,
+    "batchnorm": _batchnorm,
+    "identity": _identity,
+    "flatten": _flatten,
+    "reshape": _reshape,
+    "getitem": _getitem,
+    "pad": _pad,
+    "permute": _permute,
+    "squeeze": _reshape,
+    "unsqueeze": _reshape,
+}

@@ -1,0 +1,362 @@
+"""Graph capture: trace a float model into the quantized simulation that export writes out.
+
+Steps, each a small pass over a torch.fx graph:
+1. rewrite modules fx or ONNX cannot take as they are (timm's dynamic 'same' padding conv,
+   BatchNorm fused with its activation) into plain equivalents;
+2. trace, with conv/linear/BN/activations/pools as leaves;
+3. fold every BatchNorm that follows a conv into that conv;
+4. swap conv/linear for QConv2d/QLinear (weight quantizers);
+5. insert an activation quantizer wherever an integer deployment has one (ops.py says where).
+The result is the simulation: running it is running the quantized model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from qcli.errors import QcliError
+from qcli.quant import ops
+from qcli.quant.modules import QConv2d, QLinear
+from qcli.quant.quantizer import Quantizer
+from qcli.quant.spec import BitConfig, activation_spec, weight_spec
+
+_LEAVES = tuple(cls for cls, _ in ops._MODULES)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, _LEAVES):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class QuantGraph:
+    """A traced, quantizer-equipped model plus what it was built with."""
+
+    module: fx.GraphModule
+    bits: BitConfig
+    input_shape: tuple[int, ...]  # (C, H, W)
+    keep_fp: tuple[str, ...] = ()
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def layers(self) -> Iterator[tuple[str, QConv2d | QLinear]]:
+        """Conv/linear layers in execution order, by module path."""
+        mods = dict(self.module.named_modules())
+        for n in self.module.graph.nodes:
+            if n.op == "call_module" and isinstance(mods[n.target], QConv2d | QLinear):
+                yield n.target, mods[n.target]
+
+    def act_quantizers(self) -> Iterator[tuple[str, Quantizer]]:
+        mods = dict(self.module.named_modules())
+        for n in self.module.graph.nodes:
+            if n.op == "call_module" and isinstance(mods[n.target], Quantizer):
+                yield n.target, mods[n.target]
+
+    def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
+        for name, layer in self.layers():
+            if layer.weight_quantizer is not None:
+                yield f"{name}.weight_quantizer", layer.weight_quantizer
+        yield from self.act_quantizers()
+
+    def to(self, device: torch.device | str) -> QuantGraph:
+        self.module.to(device)
+        return self
+
+
+def capture(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    bits: BitConfig,
+    keep_fp: Iterable[str] = (),
+    layer_bits: dict[str, int] | None = None,
+) -> QuantGraph:
+    """Build the quantized simulation of `model` (which is not modified).
+
+    `keep_fp` names conv/linear layers (module paths) left in float with a float output;
+    `layer_bits` overrides the weight bits of single layers (mixed precision).
+    """
+    keep = tuple(keep_fp)
+    layer_bits = dict(layer_bits or {})
+    model = copy.deepcopy(model).float().eval()
+    example = torch.zeros(1, *input_shape)
+    _rewrite_modules(model, example)
+    model.eval()  # rewritten modules are created in training mode
+    gm = _trace(model)
+    _check_supported(gm, example)
+    _fold_batchnorm(gm)
+    _check_names(gm, keep, "--keep-fp")
+    _check_names(gm, tuple(layer_bits), "bit allocation")
+    _quantize_layers(gm, bits, keep, layer_bits)
+    _insert_act_quantizers(gm, bits, keep)
+    _link_input_quantizers(gm)
+    gm.graph.lint()
+    gm.recompile()
+    _propagate_shapes(gm, example)
+    return QuantGraph(gm, bits, tuple(input_shape), keep, layer_bits)
+
+
+# -- 1. module rewrites ---------------------------------------------------------------------
+
+
+def _rewrite_modules(model: nn.Module, example: Tensor) -> None:
+    """Replace dynamic-'same' convs by convs with fixed pads, and BN+act by BN then act."""
+    same_pads = _same_padding(model, example)
+    for name, m in list(model.named_modules()):
+        cls = type(m).__name__
+        if cls == "Conv2dSame":
+            conv = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                stride=m.stride,
+                padding=0,
+                dilation=m.dilation,
+                groups=m.groups,
+                bias=m.bias is not None,
+            )
+            conv.load_state_dict(m.state_dict())
+            conv.qcli_pads = same_pads.get(name)
+            _set_module(model, name, conv)
+        elif cls == "BatchNormAct2d":
+            bn = nn.BatchNorm2d(m.num_features, eps=m.eps, affine=m.affine)
+            bn.load_state_dict(m.state_dict(), strict=False)
+            act = m.act if isinstance(m.act, nn.Module) else nn.Identity()
+            _set_module(model, name, nn.Sequential(bn, act))
+
+
+def _same_padding(model: nn.Module, example: Tensor) -> dict[str, tuple[int, int, int, int]]:
+    """Record the pads each TF-'same' conv computes for the model's fixed input size."""
+    pads: dict[str, tuple[int, int, int, int]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Conv2dSame":
+
+            def hook(mod, args, name=name):
+                ih, iw = args[0].shape[-2:]
+                (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
+                ph = max((-(ih // -sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
+                pw = max((-(iw // -sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
+                pads[name] = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+
+            hooks.append(m.register_forward_pre_hook(hook))
+    if hooks:
+        with torch.no_grad():
+            model(example)
+        for h in hooks:
+            h.remove()
+    return pads
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+# -- 2. trace -------------------------------------------------------------------------------
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types; the user needs the first line only
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QcliError(
+            f"cannot trace model {type(model).__name__} into a graph ({first}); models with "
+            "data-dependent control flow are not supported"
+        ) from e
+    return fx.GraphModule(model, graph)
+
+
+def _check_supported(gm: fx.GraphModule, example: Tensor) -> None:
+    """Refuse, by layer name, any tensor op the quantizer and exporter do not know."""
+    _propagate_shapes(gm, example)
+    mods = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr") or not _is_tensor(n):
+            continue
+        op = ops.classify(n, mods)
+        if op is None:
+            raise QcliError(f"{ops.describe(n, mods)} is not supported by qcli's quantizer")
+        if op.name == "conv" and mods[n.target].padding_mode != "zeros":
+            raise QcliError(f"{ops.describe(n, mods)} uses padding_mode other than zeros")
+
+
+def _propagate_shapes(gm: fx.GraphModule, example: Tensor) -> None:
+    quantizers = [m for m in gm.modules() if isinstance(m, Quantizer)]
+    saved = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as e:
+        raise QcliError(
+            f"the model does not run on an input of shape {tuple(example.shape[1:])} "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+            "check --image-size"
+        ) from e
+    finally:
+        for q, s in zip(quantizers, saved, strict=True):
+            q.enabled = s
+
+
+def _is_tensor(n: fx.Node) -> bool:
+    return "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")
+
+
+# -- 3. BN folding --------------------------------------------------------------------------
+
+
+def _fold_batchnorm(gm: fx.GraphModule) -> None:
+    mods = dict(gm.named_modules())
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or not isinstance(mods[n.target], nn.BatchNorm2d):
+            continue
+        prev = n.args[0]
+        if (
+            isinstance(prev, fx.Node)
+            and prev.op == "call_module"
+            and isinstance(mods[prev.target], nn.Conv2d)
+            and len(prev.users) == 1
+        ):
+            conv = mods[prev.target]
+            fused = fuse_conv_bn_eval(conv, mods[n.target])
+            if hasattr(conv, "qcli_pads"):
+                fused.qcli_pads = conv.qcli_pads
+            _set_module(gm, prev.target, fused)
+            n.replace_all_uses_with(prev)
+            gm.graph.erase_node(n)
+    gm.delete_all_unused_submodules()
+
+
+# -- 4. weight quantizers -------------------------------------------------------------------
+
+
+def _check_names(gm: fx.GraphModule, names: tuple[str, ...], flag: str) -> None:
+    layers = {n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    for name in names:
+        if name not in layers:
+            raise QcliError(
+                f"{flag}: the model has no conv/linear layer named '{name}' "
+                f"(layers are e.g. {', '.join(sorted(layers)[:3])})"
+            )
+
+
+def _quantize_layers(
+    gm: fx.GraphModule, bits: BitConfig, keep: tuple[str, ...], layer_bits: dict[str, int]
+) -> None:
+    for name, m in list(gm.named_modules()):
+        if isinstance(m, QConv2d | QLinear):
+            continue
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            spec = None if name in keep else weight_spec(layer_bits.get(name, bits.weight))
+            cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
+            _set_module(gm, name, cls.from_float(m, spec))
+
+
+# -- 5. activation quantizers ---------------------------------------------------------------
+
+
+def _insert_act_quantizers(gm: fx.GraphModule, bits: BitConfig, keep: tuple[str, ...]) -> None:
+    mods = dict(gm.named_modules())
+    kinds = {n: _kind(n, mods) for n in gm.graph.nodes}
+    spec = activation_spec(bits.activation)
+    for n in list(gm.graph.nodes):
+        if _needs_quantizer(n, kinds, keep):
+            _insert_after(gm, n, Quantizer(spec), f"act_quant.{n.name}")
+
+
+def _kind(n: fx.Node, mods: dict[str, nn.Module]) -> str | None:
+    if n.op == "placeholder":
+        return "input"
+    if n.op == "output":
+        return "output"
+    if n.op == "get_attr" or not _is_tensor(n):
+        return None
+    op = ops.classify(n, mods)
+    if op is not None and op.name == "hardtanh" and hardtanh_bounds(n, mods)[0] == 0:
+        return ops.FUSABLE  # ReLU6 written as hardtanh(0, 6) clips like ReLU6
+    return op.kind if op else None
+
+
+def hardtanh_bounds(n: fx.Node, mods: dict[str, nn.Module]) -> tuple[float, float]:
+    if n.op == "call_module":
+        m = mods[n.target]
+        return float(m.min_val), float(m.max_val)
+    args = list(n.args[1:]) + [None, None]
+    lo = args[0] if args[0] is not None else n.kwargs.get("min_val", -1.0)
+    hi = args[1] if args[1] is not None else n.kwargs.get("max_val", 1.0)
+    return float(lo), float(hi)
+
+
+def _needs_quantizer(n: fx.Node, kinds: dict, keep: tuple[str, ...]) -> bool:
+    kind = kinds[n]
+    if kind not in ("input", ops.WEIGHTED, ops.COMPUTE, ops.FUSABLE):
+        return False
+    if kind == ops.WEIGHTED and n.target in keep:
+        return False
+    if _feeds_only_output(n, kinds):
+        return False  # logits stay float: no integer kernel consumes them
+    users = list(n.users)
+    return not (
+        kind in (ops.WEIGHTED, ops.COMPUTE)
+        and len(users) == 1
+        and kinds.get(users[0]) == ops.FUSABLE
+    )
+
+
+def _feeds_only_output(n: fx.Node, kinds: dict) -> bool:
+    return all(
+        kinds.get(u) == "output" or (kinds.get(u) == ops.PASSTHROUGH and _feeds_only_output(u, kinds))
+        for u in n.users
+    )
+
+
+def _insert_after(gm: fx.GraphModule, n: fx.Node, module: nn.Module, name: str) -> fx.Node:
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(n):
+        q = gm.graph.call_module(name, (n,))
+    n.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+    return q
+
+
+def source_quantizer(n: fx.Node, mods: dict[str, nn.Module]) -> Quantizer | None:
+    """The activation quantizer whose grid a node's input is on (through passthrough ops)."""
+    while isinstance(n, fx.Node):
+        if n.op == "call_module" and isinstance(mods.get(n.target), Quantizer):
+            return mods[n.target]
+        op = ops.classify(n, mods) if n.op != "placeholder" else None
+        if op is None or op.kind != ops.PASSTHROUGH:
+            return None
+        n = n.args[0]
+    return None
+
+
+def _link_input_quantizers(gm: fx.GraphModule) -> None:
+    mods = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(mods[n.target], QConv2d | QLinear):
+            mods[n.target].link_input_quantizer(source_quantizer(n.args[0], mods))
+
+
+def set_quantization(
+    qg: QuantGraph, weights: bool | None = None, activations: bool | None = None
+) -> None:
+    """Switch weight and/or activation quantizers on or off (e.g. to get FP targets)."""
+    for name, q in qg.quantizers():
+        is_weight = name.endswith("weight_quantizer")
+        flag = weights if is_weight else activations
+        if flag is not None:
+            q.enabled = flag
+

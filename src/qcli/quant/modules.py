@@ -1,0 +1,94 @@
+"""Quantized conv and linear layers: float modules whose weight (and int32 bias) pass through
+the shared Quantizer on every forward, so gradients reach weights, scales and rounding."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qcli.quant import primitives as P
+from qcli.quant.quantizer import Quantizer
+from qcli.quant.spec import QuantSpec
+
+
+class _WeightQuantMixin:
+    """Shared weight/bias handling of QConv2d and QLinear."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_quantizer: Quantizer | None
+
+    def _init_quant(self, spec: QuantSpec | None) -> None:
+        self.weight_quantizer = (
+            Quantizer(spec, channels=self.weight.shape[0]) if spec is not None else None
+        )
+        # The quantizer feeding this layer; held in a list so it is not registered twice as a
+        # submodule. Its scale sets the int32 bias grid, as onnxruntime's integer kernels do.
+        self._input_quantizer: list[Quantizer] = []
+
+    @property
+    def input_quantizer(self) -> Quantizer | None:
+        return self._input_quantizer[0] if self._input_quantizer else None
+
+    def link_input_quantizer(self, q: Quantizer | None) -> None:
+        self._input_quantizer = [q] if q is not None else []
+
+    def _quant_active(self, q: Quantizer | None) -> bool:
+        return q is not None and q.enabled and q.observer is None
+
+    def quantized_weight(self) -> Tensor:
+        wq = self.weight_quantizer
+        return wq(self.weight) if wq is not None else self.weight
+
+    def quantized_bias(self) -> Tensor | None:
+        """Bias on the int32 grid when both the weight and the input are quantized."""
+        wq, iq = self.weight_quantizer, self.input_quantizer
+        if self.bias is None or not (self._quant_active(wq) and self._quant_active(iq)):
+            return self.bias
+        return P.fake_quantize_bias(self.bias, iq.scale, wq.scale)
+
+
+class QConv2d(_WeightQuantMixin, nn.Conv2d):
+    """Conv2d with quantized weights; `pads` holds explicit (left, right, top, bottom) padding
+    for TF-style 'same' convolutions, which ONNX expresses as asymmetric Conv pads."""
+
+    pads: tuple[int, int, int, int] | None = None
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec | None) -> QConv2d:
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+        )
+        q.weight = nn.Parameter(conv.weight.detach().clone())
+        if conv.bias is not None:
+            q.bias = nn.Parameter(conv.bias.detach().clone())
+        q.pads = getattr(conv, "qcli_pads", None)
+        q._init_quant(spec)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pads is not None:
+            x = F.pad(x, self.pads)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+
+
+class QLinear(_WeightQuantMixin, nn.Linear):
+    @classmethod
+    def from_float(cls, lin: nn.Linear, spec: QuantSpec | None) -> QLinear:
+        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        q.weight = nn.Parameter(lin.weight.detach().clone())
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.detach().clone())
+        q._init_quant(spec)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())

@@ -1,0 +1,111 @@
+"""`qcli eval`: accuracy, agreement with a reference, latency and size of any target.
+
+A target is an ONNX file (run in onnxruntime), a .qcli folder (its PyTorch simulation) or a
+MODEL spec (the float model): the same numbers for each, so they compare directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from qcli.data import iterate
+from qcli.errors import QcliError
+from qcli.evaluate import OrtModel, accuracy, file_size, latency
+from qcli.models import IMAGENET_SPEC, InputSpec
+from qcli.stages.common import DataOptions, ModelOptions, load_qmodel, open_dataset, report_skipped
+from qcli.ui import UI
+
+
+@dataclass
+class Target:
+    """Something that maps images to logits, with the preprocessing it expects."""
+
+    name: str
+    kind: str  # onnx | qcli | model
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    input_spec: InputSpec
+    size_path: Path | None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    target: str
+    data: DataOptions
+    reference: str | None = None
+    model: ModelOptions = field(default_factory=ModelOptions)
+    latency: bool = True
+    threads: int | None = None
+    seed: int = 0
+
+
+def resolve_target(text: str, opts: ModelOptions, threads: int | None = None) -> Target:
+    path = Path(text)
+    if path.suffix == ".onnx" or (path.is_file() and _is_onnx(path)):
+        ort_model = OrtModel(path, threads=threads)
+        return Target(text, "onnx", ort_model, _onnx_input_spec(path, opts), path)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        qm = load_qmodel(path)
+        module = qm.graph.module.eval()
+        return Target(text, "qcli", _no_grad(module), qm.input_spec, path)
+    loaded = replace(opts, spec=text).load()
+    weights = Path(loaded.source.weights) if loaded.source.weights else None
+    size_path = weights if weights else (path if path.is_file() else None)
+    return Target(text, "model", _no_grad(loaded.module), loaded.input_spec, size_path)
+
+
+def _no_grad(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return fn
+
+
+def _is_onnx(path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
+
+
+def _onnx_input_spec(path: Path, opts: ModelOptions) -> InputSpec:
+    """qcli writes its input spec into the file; a foreign ONNX model needs the flags."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise QcliError(f"'{path}' is not a readable ONNX model") from e
+    props = {p.key: p.value for p in model.metadata_props}
+    base = InputSpec.from_dict(json.loads(props["qcli_input_spec"])) if "qcli_input_spec" in props else IMAGENET_SPEC
+    return base.with_overrides(opts.input_overrides)
+
+
+def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
+    target = resolve_target(cfg.target, cfg.model, cfg.threads)
+    reference = resolve_target(cfg.reference, cfg.model, cfg.threads) if cfg.reference else None
+    if reference is not None and reference.input_spec.size != target.input_spec.size:
+        raise QcliError(
+            f"--reference '{cfg.reference}' expects {reference.input_spec.size} images but "
+            f"'{cfg.target}' expects {target.input_spec.size}"
+        )
+    ds = open_dataset(cfg.data, target.input_spec, cfg.seed)
+    with ui.task(f"evaluate {target.kind}", total=len(ds)) as advance:
+        acc = accuracy(
+            target.fn,
+            iterate(ds, cfg.data.batch_size),
+            reference_fn=reference.fn if reference else None,
+            progress=advance,
+        )
+    result: dict[str, Any] = {"target": cfg.target, "kind": target.kind, **acc.to_dict()}
+    result["skipped_images"] = report_skipped(ds, ui)
+    if target.size_path is not None:
+        result["bytes"] = file_size(target.size_path)
+    if cfg.latency:
+        shape = (3, *target.input_spec.size)
+        with ui.task("latency", total=None):
+            stats = latency(target.fn, shape, batch_sizes=(1, 64))
+        result["latency_ms"] = {b: round(s.median * 1000, 3) for b, s in stats.items()}
+    return result

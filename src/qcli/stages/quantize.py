@@ -1,0 +1,95 @@
+"""`qcli quantize`: the whole chain with good defaults, data-free when no data is given.
+
+generate data (if none) -> calibrate -> export -> evaluate against the float model. Every
+artifact lands in one output folder, which is built beside the target and swapped in at the
+end, so an interrupted run leaves the previous output intact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qcli.artifacts import atomic_dir, prepare_output
+from qcli.artifacts.atomic import write_manifest
+from qcli.methods.registry import CALIBRATION_METHODS, load_all
+from qcli.quant.spec import BitConfig
+from qcli.stages.calibrate import CalibrateConfig, calibrate
+from qcli.stages.common import DataOptions, ModelOptions
+from qcli.stages.evaluate import EvalConfig, evaluate
+from qcli.stages.export import ExportConfig, export
+from qcli.stages.generate_data import GenerateConfig, generate
+from qcli.ui import UI
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    model: ModelOptions
+    out: Path
+    bits: BitConfig = BitConfig(4, 8)
+    data: DataOptions | None = None
+    eval_data: DataOptions | None = None
+    method: str | None = None  # None: the best registered calibration method
+    gen_method: str = "bns"
+    gen_images: int = 64
+    gen_iters: int = 50
+    gen_batch_size: int = 32
+    seed: int = 0
+    force: bool = False
+    latency: bool = True
+
+
+def best_method() -> str:
+    load_all()
+    return max(CALIBRATION_METHODS.values(), key=lambda m: m.rank).name
+
+
+def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
+    prepare_output(cfg.out, cfg.force)
+    method = cfg.method or best_method()
+    summary: dict[str, Any] = {"model": cfg.model.spec, "bits": str(cfg.bits), "method": method}
+    with atomic_dir(cfg.out) as tmp:
+        data = cfg.data
+        if data is None:
+            gen = generate(
+                GenerateConfig(
+                    cfg.model,
+                    tmp / "calib-data",
+                    cfg.gen_method,
+                    cfg.gen_images,
+                    min(cfg.gen_batch_size, cfg.gen_images),
+                    cfg.gen_iters,
+                    seed=cfg.seed,
+                ),
+                ui,
+            )
+            summary["data_generation"] = gen
+            data = DataOptions(tmp / "calib-data")
+        qpath, opath = tmp / "model.qcli", tmp / "model.onnx"
+        summary["calibrate"] = calibrate(
+            CalibrateConfig(cfg.model, data, qpath, cfg.bits, method, seed=cfg.seed), ui
+        )
+        summary["export"] = export(ExportConfig(qpath, opath, check_data=data.path), ui)
+        eval_data = cfg.eval_data or data
+        summary["eval_data"] = str(eval_data.path) if cfg.eval_data or cfg.data else "calibration images (no --data given)"
+        summary["eval_fp"] = evaluate(
+            EvalConfig(cfg.model.spec, eval_data, model=cfg.model, latency=cfg.latency, seed=cfg.seed), ui
+        )
+        summary["eval_quantized"] = evaluate(
+            EvalConfig(str(opath), eval_data, reference=cfg.model.spec, model=cfg.model, latency=cfg.latency, seed=cfg.seed),
+            ui,
+        )
+        write_manifest(tmp / "summary.json", summary)
+    _relocate(summary, tmp, cfg.out)
+    return summary
+
+
+def _relocate(obj: Any, old: Path, new: Path) -> None:
+    """Paths in the summary point into the temporary folder until it is swapped in."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str) and v.startswith(str(old)):
+                obj[k] = str(new) + v[len(str(old)):]
+            else:
+                _relocate(v, old, new)

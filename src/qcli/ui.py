@@ -1,0 +1,85 @@
+"""Progress and tables for people, silence for machines.
+
+Stages report through a `UI` object instead of printing, so the same stage runs under the CLI
+(rich progress bars on stderr), under `--json` (bars on stderr, JSON alone on stdout) and in
+tests and benchmarks (`SilentUI`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+Advance = Callable[[int], None]
+
+
+class UI:
+    """Silent by default; `RichUI` draws."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        yield lambda n=1: None
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+        pass
+
+
+SilentUI = UI
+
+
+class RichUI(UI):
+    def __init__(self, json_mode: bool = False) -> None:
+        self.err = Console(stderr=True)
+        self.out = self.err if json_mode else Console()
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=self.err, transient=False) as progress:
+            tid = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(tid, n)
+
+    def info(self, message: str) -> None:
+        self.err.print(message)
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"[yellow]warning:[/] {message}")
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+        t = Table(title=title, title_justify="left")
+        for c in columns:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*(_cell(v) for v in r))
+        self.out.print(t)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+    return str(v)
