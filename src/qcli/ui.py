@@ -63,10 +63,14 @@ class RichUI(UI):
             yield lambda n=1: progress.advance(tid, n)
 
     def info(self, message: str) -> None:
-        self.err.print(message)
+        self.err.print(message, soft_wrap=True, highlight=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {message}")
+        self.err.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
+
+    def error(self, message: str) -> None:
+        """One unwrapped line, so file names stay whole for people and for grep."""
+        self.err.print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
         t = Table(title=title, title_justify="left")

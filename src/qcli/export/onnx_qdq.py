@@ -149,9 +149,7 @@ class _Writer:
         if layer.quantized_bias() is layer.bias:  # float bias: weight or input not quantized
             return self.const(f"{hint}_bias", b.numpy())
         s = bias_scale(iq.scale.detach().float().cpu(), wq.scale.detach().float().cpu())
-        ints = torch.round(b / s).to(torch.int64).numpy()
-        if np.abs(ints).max(initial=0) >= 2**31:
-            raise QcliError(f"layer '{hint}': bias does not fit the int32 accumulator grid")
+        ints = torch.round(b / s).to(torch.int64).numpy()  # fits: quantized_bias checked
         q = self.const(f"{hint}_bias_int", ints, TensorProto.INT32)
         s_name = self.const(f"{hint}_bias_scale", s.numpy())
         z = self.const(f"{hint}_bias_zero_point", np.zeros(ints.shape), TensorProto.INT32)
@@ -194,7 +192,11 @@ def to_onnx(qg: QuantGraph) -> onnx.ModelProto:
     bits = {name: q.spec.bits for name, q in qg.quantizers()}
     helper.set_model_props(
         model,
-        {"qcli_version": __version__, "qcli_bits": str(qg.bits), "qcli_quantizers": json.dumps(bits)},
+        {
+            "qcli_version": __version__,
+            "qcli_bits": str(qg.bits),
+            "qcli_quantizers": json.dumps(bits),
+        },
     )
     return model
 
@@ -286,7 +288,7 @@ def _unary(onnx_op: str, **attrs):
 
 
 def _clip(w, n, m, x, env, hint):
-    if n.op == "call_module" and isinstance(m, nn.ReLU6) or _is_relu6_fn(n):
+    if (n.op == "call_module" and isinstance(m, nn.ReLU6)) or _is_relu6_fn(n):
         lo, hi = 0.0, 6.0
     else:
         lo, hi = hardtanh_bounds(n, {n.target: m} if m is not None else {})
@@ -315,7 +317,11 @@ def _gelu(w, n, m, x, env, hint):
     erf = w.op("Erf", [w.op("Mul", [x, c], f"{hint}_scaled")], f"{hint}_erf")
     one = w.const(f"{hint}_one", np.float32(1.0))
     half = w.const(f"{hint}_half", np.float32(0.5))
-    return w.op("Mul", [w.op("Mul", [x, half], f"{hint}_halfx"), w.op("Add", [erf, one], f"{hint}_1perf")], hint)
+    return w.op(
+        "Mul",
+        [w.op("Mul", [x, half], f"{hint}_halfx"), w.op("Add", [erf, one], f"{hint}_1perf")],
+        hint,
+    )
 
 
 def _cat(w, n, m, x, env, hint):
@@ -366,7 +372,12 @@ def _pool_attrs(m, n) -> tuple[dict, list[int], bool]:
     def pair(v):
         return [v, v] if isinstance(v, int) else list(v)
 
-    attrs = {"kernel_shape": pair(k), "strides": pair(s), "pads": pair(p) * 2, "ceil_mode": int(ceil)}
+    attrs = {
+        "kernel_shape": pair(k),
+        "strides": pair(s),
+        "pads": pair(p) * 2,
+        "ceil_mode": int(ceil),
+    }
     return attrs, pair(extra["dilation"]), cip
 
 
@@ -399,8 +410,16 @@ def _identity(w, n, m, x, env, hint):
 
 
 def _flatten(w, n, m, x, env, hint):
-    start = m.start_dim if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0))
-    end = m.end_dim if m is not None else (n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1))
+    start = (
+        m.start_dim
+        if m is not None
+        else (n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0))
+    )
+    end = (
+        m.end_dim
+        if m is not None
+        else (n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1))
+    )
     rank = len(_shape(n.args[0]))
     if end % rank == rank - 1:
         return w.op("Flatten", [x], hint, axis=int(start))

@@ -60,11 +60,17 @@ def set_activation_ranges(
     return seen
 
 
+def fit_bias_grids(qg: QuantGraph) -> int:
+    """Every method ends with this: int32 biases are what integer deployment kernels take."""
+    return sum(layer.fit_bias_grid() for _, layer in qg.layers())
+
+
 def _range_method(name: str):
     def run(qg: QuantGraph, batches: Iterable[Tensor], settings=None, progress=None) -> dict:
         set_weight_ranges(qg, name)
         n = set_activation_ranges(qg, batches, name, progress)
-        return {"images": n, "range_method": name}
+        widened = fit_bias_grids(qg)
+        return {"images": n, "range_method": name, "bias_grid_channels_widened": widened}
 
     return run
 

@@ -41,8 +41,6 @@ class Architecture:
     default_weights: Path | None = None  # weights shipped with qcli's dependencies
     needs_weights: bool = False  # builtin without embedded weights: random init is refused
     convert_state: StateConverter | None = None  # maps a foreign checkpoint's key names
-    # applied after the weights are loaded, with the final (overridden) input spec
-    finalize: Callable[[nn.Module, InputSpec], nn.Module] | None = None
 
 
 def build_architecture(spec: str, num_classes: int | None = None) -> Architecture:
@@ -101,7 +99,6 @@ def _efficientnet_lite0(num_classes: int | None) -> Architecture:
         default_weights=efficientnet_lite0_weights_path() if imagenet_head else None,
         needs_weights=not imagenet_head,
         convert_state=map_by_position,
-        finalize=make_traceable,
     )
 
 
@@ -139,102 +136,6 @@ def map_by_position(
             )
         mapped[dst] = value
     return mapped
-
-
-def make_traceable(module: nn.Module, spec: InputSpec) -> nn.Module:
-    """Rewrite timm's TF-style layers into plain modules that torch.fx traces.
-
-    `Conv2dSame` computes its padding from the input shape at run time (control flow that
-    fx cannot trace); for the spec's input size it becomes `ZeroPad2d` + `Conv2d`, which is
-    the same arithmetic. `BatchNormAct2d` becomes `Sequential(BatchNorm2d, act)` so BN
-    folding sees a standard BatchNorm module. Key names change (`conv_stem.1.weight`,
-    `bn1.0.weight`), so this runs after the weights are loaded.
-    """
-    freeze_same_padding(module, spec.size)
-    split_norm_act(module)
-    return module
-
-
-def freeze_same_padding(module: nn.Module, size: tuple[int, int]) -> None:
-    """Replace each timm `Conv2dSame` by its static padding for inputs of `size` (H, W)."""
-    from timm.layers import Conv2dSame
-
-    shapes: dict[str, tuple[int, int]] = {}
-
-    def recorder(name: str) -> Callable:
-        def hook(_module: nn.Module, args: tuple) -> None:
-            shapes[name] = tuple(args[0].shape[-2:])
-
-        return hook
-
-    hooks = [
-        m.register_forward_pre_hook(recorder(name))
-        for name, m in module.named_modules()
-        if isinstance(m, Conv2dSame)
-    ]
-    if not hooks:
-        return
-    was_training = module.training
-    try:
-        with torch.no_grad():
-            module.eval()(torch.zeros(1, 3, *size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        module.train(was_training)
-    for name, (h, w) in shapes.items():
-        _set_submodule(module, name, _static_same_conv(module.get_submodule(name), h, w))
-
-
-def _static_same_conv(conv: nn.Conv2d, h: int, w: int) -> nn.Sequential:
-    pad_h = _same_padding(h, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-    pad_w = _same_padding(w, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
-    plain = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=0,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    )
-    plain.load_state_dict(conv.state_dict())
-    pad = nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return nn.Sequential(pad, plain)
-
-
-def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
-    """TensorFlow 'SAME' total padding, as timm's `get_same_padding`."""
-    return max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-
-
-def split_norm_act(module: nn.Module) -> None:
-    """Replace timm `BatchNormAct2d` by `BatchNorm2d` followed by its activation (if any)."""
-    from timm.layers import BatchNormAct2d
-
-    for name, norm_act in list(module.named_modules()):
-        if not isinstance(norm_act, BatchNormAct2d):
-            continue
-        bn = nn.BatchNorm2d(
-            norm_act.num_features,
-            eps=norm_act.eps,
-            momentum=norm_act.momentum,
-            affine=norm_act.affine,
-            track_running_stats=norm_act.track_running_stats,
-        )
-        bn.load_state_dict(norm_act.state_dict())
-        rest = [m for m in (norm_act.drop, norm_act.act) if not isinstance(m, nn.Identity)]
-        _set_submodule(module, name, nn.Sequential(bn, *rest) if rest else bn)
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
-
-
-# ---------------------------------------------------------------- timm
 
 
 def _timm(name: str, num_classes: int | None) -> Architecture:

@@ -180,10 +180,8 @@ def family_of(spec: str) -> str | None:
 
 
 def _finish(arch: Any, overrides: Mapping[str, Any] | None) -> tuple[nn.Module, InputSpec]:
-    """Final input spec, then the architecture's post-load rewrite (which may depend on it)."""
-    spec = arch.input_spec.with_overrides(overrides)
-    module = arch.finalize(arch.module, spec) if arch.finalize is not None else arch.module
-    return module, spec
+    """The architecture's module with its final (overridden) input spec."""
+    return arch.module, arch.input_spec.with_overrides(overrides)
 
 
 # ---------------------------------------------------------------- named architectures

@@ -23,11 +23,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from qcli.errors import QcliError
 from qcli.quant import ops
-from qcli.quant.modules import QConv2d, QLinear
+from qcli.quant.modules import PaddedConv2d, QConv2d, QLinear
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.spec import BitConfig, activation_spec, weight_spec
 
 _LEAVES = tuple(cls for cls, _ in ops._MODULES)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class _Tracer(fx.Tracer):
@@ -46,6 +47,9 @@ class QuantGraph:
     input_shape: tuple[int, ...]  # (C, H, W)
     keep_fp: tuple[str, ...] = ()
     layer_bits: dict[str, int] = field(default_factory=dict)
+    # Paths of Sequential/ModuleList/ModuleDict in the original model: fx flattens the module
+    # tree into plain modules, and the partition needs to tell blocks from containers.
+    containers: frozenset[str] = frozenset()
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.module(x)
@@ -92,6 +96,9 @@ def capture(
     example = torch.zeros(1, *input_shape)
     _rewrite_modules(model, example)
     model.eval()  # rewritten modules are created in training mode
+    containers = frozenset(
+        name for name, m in model.named_modules() if isinstance(m, _CONTAINERS) and name
+    )
     gm = _trace(model)
     _check_supported(gm, example)
     _fold_batchnorm(gm)
@@ -103,7 +110,7 @@ def capture(
     gm.graph.lint()
     gm.recompile()
     _propagate_shapes(gm, example)
-    return QuantGraph(gm, bits, tuple(input_shape), keep, layer_bits)
+    return QuantGraph(gm, bits, tuple(input_shape), keep, layer_bits, containers)
 
 
 # -- 1. module rewrites ---------------------------------------------------------------------
@@ -115,7 +122,7 @@ def _rewrite_modules(model: nn.Module, example: Tensor) -> None:
     for name, m in list(model.named_modules()):
         cls = type(m).__name__
         if cls == "Conv2dSame":
-            conv = nn.Conv2d(
+            conv = PaddedConv2d(
                 m.in_channels,
                 m.out_channels,
                 m.kernel_size,
@@ -126,7 +133,7 @@ def _rewrite_modules(model: nn.Module, example: Tensor) -> None:
                 bias=m.bias is not None,
             )
             conv.load_state_dict(m.state_dict())
-            conv.qcli_pads = same_pads.get(name)
+            conv.pads = same_pads.get(name)
             _set_module(model, name, conv)
         elif cls == "BatchNormAct2d":
             bn = nn.BatchNorm2d(m.num_features, eps=m.eps, affine=m.affine)
@@ -231,9 +238,7 @@ def _fold_batchnorm(gm: fx.GraphModule) -> None:
             and len(prev.users) == 1
         ):
             conv = mods[prev.target]
-            fused = fuse_conv_bn_eval(conv, mods[n.target])
-            if hasattr(conv, "qcli_pads"):
-                fused.qcli_pads = conv.qcli_pads
+            fused = fuse_conv_bn_eval(conv, mods[n.target])  # a copy: keeps class and pads
             _set_module(gm, prev.target, fused)
             n.replace_all_uses_with(prev)
             gm.graph.erase_node(n)
@@ -294,7 +299,7 @@ def hardtanh_bounds(n: fx.Node, mods: dict[str, nn.Module]) -> tuple[float, floa
     if n.op == "call_module":
         m = mods[n.target]
         return float(m.min_val), float(m.max_val)
-    args = list(n.args[1:]) + [None, None]
+    args = [*list(n.args[1:]), None, None]
     lo = args[0] if args[0] is not None else n.kwargs.get("min_val", -1.0)
     hi = args[1] if args[1] is not None else n.kwargs.get("max_val", 1.0)
     return float(lo), float(hi)
@@ -318,7 +323,8 @@ def _needs_quantizer(n: fx.Node, kinds: dict, keep: tuple[str, ...]) -> bool:
 
 def _feeds_only_output(n: fx.Node, kinds: dict) -> bool:
     return all(
-        kinds.get(u) == "output" or (kinds.get(u) == ops.PASSTHROUGH and _feeds_only_output(u, kinds))
+        kinds.get(u) == "output"
+        or (kinds.get(u) == ops.PASSTHROUGH and _feeds_only_output(u, kinds))
         for u in n.users
     )
 
@@ -359,4 +365,3 @@ def set_quantization(
         flag = weights if is_weight else activations
         if flag is not None:
             q.enabled = flag
-

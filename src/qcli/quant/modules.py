@@ -3,12 +3,26 @@ the shared Quantizer on every forward, so gradients reach weights, scales and ro
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcli.quant import primitives as P
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.spec import QuantSpec
+
+
+class PaddedConv2d(nn.Conv2d):
+    """A float conv with explicit (left, right, top, bottom) zero padding.
+
+    Stands in for TF-style 'same' convolutions, whose padding timm computes from the input
+    shape at run time (which torch.fx cannot trace); for a fixed input size it is constant.
+    """
+
+    pads: tuple[int, int, int, int] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.pads) if self.pads is not None else x)
 
 
 class _WeightQuantMixin:
@@ -40,10 +54,35 @@ class _WeightQuantMixin:
         wq = self.weight_quantizer
         return wq(self.weight) if wq is not None else self.weight
 
-    def quantized_bias(self) -> Tensor | None:
-        """Bias on the int32 grid when both the weight and the input are quantized."""
+    @torch.no_grad()
+    def fit_bias_grid(self) -> int:
+        """Raise weight scales so every bias fits int32 on the s_in x s_w grid; returns how
+        many channels changed.
+
+        A dead channel (weights ~0 after BN folding) gets a weight scale near zero, which puts
+        its bias at ~1e10 accumulator steps: onnxruntime's integer conv then overflows it.
+        Its weights round to 0 on any grid, so a coarser scale leaves the function as it was.
+        Call after the input and weight quantizers are calibrated.
+        """
         wq, iq = self.weight_quantizer, self.input_quantizer
         if self.bias is None or not (self._quant_active(wq) and self._quant_active(iq)):
+            return 0
+        floor = self.bias.detach().abs() / (iq.scale * P.BIAS_LIMIT)
+        low = wq.scale < floor
+        wq.scale.copy_(torch.where(low, floor, wq.scale))
+        return int(low.sum())
+
+    def quantized_bias(self) -> Tensor | None:
+        """Bias on the int32 grid when both the weight and the input are quantized.
+
+        A channel whose weights are all ~0 (a dead channel after BN folding) gets a tiny weight
+        scale, and its bias may not fit int32 on that grid: such a layer keeps a float bias,
+        here and in the export alike (onnxruntime then runs that one layer unfused).
+        """
+        wq, iq = self.weight_quantizer, self.input_quantizer
+        if self.bias is None or not (self._quant_active(wq) and self._quant_active(iq)):
+            return self.bias
+        if not P.bias_fits_int32(self.bias, iq.scale, wq.scale):
             return self.bias
         return P.fake_quantize_bias(self.bias, iq.scale, wq.scale)
 
@@ -70,7 +109,7 @@ class QConv2d(_WeightQuantMixin, nn.Conv2d):
         q.weight = nn.Parameter(conv.weight.detach().clone())
         if conv.bias is not None:
             q.bias = nn.Parameter(conv.bias.detach().clone())
-        q.pads = getattr(conv, "qcli_pads", None)
+        q.pads = getattr(conv, "pads", None)
         q._init_quant(spec)
         return q
 

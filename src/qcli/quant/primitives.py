@@ -81,3 +81,13 @@ def fake_quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) 
     """Round a bias onto the int32 accumulator grid, as QLinearConv consumes it."""
     s = bias_scale(input_scale, weight_scale)
     return round_ste(bias / s) * s
+
+
+INT32_MAX = 2**31 - 1
+BIAS_LIMIT = 2**30  # calibrated biases stay below this many steps: int32 with headroom
+
+
+def bias_fits_int32(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> bool:
+    with torch.no_grad():
+        q = torch.round(bias / bias_scale(input_scale, weight_scale))
+        return bool(q.abs().max() <= INT32_MAX)

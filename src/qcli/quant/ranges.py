@@ -64,7 +64,7 @@ class _Sampled(MinMax):
         if take < flat.numel():
             idx = torch.randint(flat.numel(), (take,), generator=self.gen)
             flat = flat[idx]
-        self.samples.append(flat)
+        self.samples.append(flat if take < x.numel() else flat.clone())  # no view of x
         self.kept += flat.numel()
         if self.kept > 2 * SAMPLE_BUDGET:  # keep memory bounded over long runs
             allv = torch.cat(self.samples)

@@ -30,7 +30,7 @@ class CalibrateConfig:
     model: ModelOptions
     data: DataOptions
     out: Path
-    bits: BitConfig = BitConfig(8, 8)
+    bits: BitConfig = field(default_factory=lambda: BitConfig(8, 8))
     method: str = "mse"
     keep_fp: tuple[str, ...] = ()
     seed: int = 0

@@ -79,7 +79,11 @@ def _onnx_input_spec(path: Path, opts: ModelOptions) -> InputSpec:
     except Exception as e:
         raise QcliError(f"'{path}' is not a readable ONNX model") from e
     props = {p.key: p.value for p in model.metadata_props}
-    base = InputSpec.from_dict(json.loads(props["qcli_input_spec"])) if "qcli_input_spec" in props else IMAGENET_SPEC
+    base = (
+        InputSpec.from_dict(json.loads(props["qcli_input_spec"]))
+        if "qcli_input_spec" in props
+        else IMAGENET_SPEC
+    )
     return base.with_overrides(opts.input_overrides)
 
 

@@ -24,12 +24,14 @@ from qcli.export.onnx_qdq import to_onnx
 from qcli.stages.common import QModel, load_qmodel
 from qcli.ui import UI
 
-# The export fails when onnxruntime's integer kernels and the simulation disagree on more than
-# this share of check images, or by more than this share of the logit range. Integer kernels
-# requantize with float multipliers, so a value within float error of a rounding boundary can
-# move by one step; that gives small logit differences, never systematic ones.
-MAX_DISAGREEMENT = 0.02
+# onnxruntime's integer kernels requantize with float multipliers, so a value within float
+# error of a rounding boundary can move by one step: small logit differences, never systematic
+# ones. The export fails when the logits differ by more than this share of their range, or when
+# top-1 flips on an image whose decision was clear (the simulation's margin between its class
+# and onnxruntime's exceeds this share of the range). Flips between near-tied classes are
+# reported, not fatal: generated calibration images often have such ties.
 MAX_RELATIVE_ERROR = 0.10
+DECISIVE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def export(cfg: ExportConfig, ui: UI) -> dict[str, Any]:
         if not check["ok"]:
             raise QcliError(
                 f"onnxruntime disagrees with the simulation: top-1 differs on "
-                f"{check['disagreement_pct']:.1f}% of {check['images']} check images, max "
+                f"{check['disagreement_pct']:.1f}% of {check['images']} check images "
+                f"({check['decisive_flips']} with a clear margin), max "
                 f"|Δlogit| {check['max_abs_diff']:.3g} (logit range {check['logit_range']:.3g})"
             )
     opset = model.opset_import[0].version
@@ -97,16 +100,23 @@ def _check_inputs(cfg: ExportConfig, qm: QModel) -> torch.Tensor:
 
 @torch.no_grad()
 def compare_with_simulation(qm: QModel, onnx_path: Path, x: torch.Tensor) -> dict[str, Any]:
-    sim = qm.graph.module.eval()(x).numpy()
-    ort_out = OrtModel(onnx_path)(x)
-    ort_out = ort_out.numpy() if isinstance(ort_out, torch.Tensor) else np.asarray(ort_out)
-    diff = float(np.abs(ort_out - sim).max())
+    sim = qm.graph.module.eval()(x)
+    ort_out = torch.as_tensor(np.asarray(OrtModel(onnx_path)(x)))
+    return agreement_report(sim, ort_out)
+
+
+def agreement_report(sim: torch.Tensor, ort_out: torch.Tensor) -> dict[str, Any]:
+    diff = float((ort_out - sim).abs().max())
     rng = float(sim.max() - sim.min()) or 1.0
-    disagree = float((ort_out.argmax(1) != sim.argmax(1)).mean())
+    sim_top, ort_top = sim.argmax(1), ort_out.argmax(1)
+    flipped = sim_top != ort_top
+    margin = sim.gather(1, sim_top[:, None]) - sim.gather(1, ort_top[:, None])
+    decisive = flipped & (margin[:, 0] > DECISIVE_MARGIN * rng)
     return {
-        "images": int(x.shape[0]),
-        "disagreement_pct": 100 * disagree,
+        "images": int(sim.shape[0]),
+        "disagreement_pct": 100 * float(flipped.float().mean()),
+        "decisive_flips": int(decisive.sum()),
         "max_abs_diff": diff,
         "logit_range": rng,
-        "ok": disagree <= MAX_DISAGREEMENT and diff <= MAX_RELATIVE_ERROR * rng,
+        "ok": int(decisive.sum()) == 0 and diff <= MAX_RELATIVE_ERROR * rng,
     }

@@ -7,7 +7,7 @@ end, so an interrupted run leaves the previous output intact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,12 @@ from qcli.ui import UI
 class QuantizeConfig:
     model: ModelOptions
     out: Path
-    bits: BitConfig = BitConfig(4, 8)
+    bits: BitConfig = field(default_factory=lambda: BitConfig(4, 8))
     data: DataOptions | None = None
     eval_data: DataOptions | None = None
     method: str | None = None  # None: the best registered calibration method
     gen_method: str = "bns"
-    gen_images: int = 64
+    gen_images: int = 32
     gen_iters: int = 50
     gen_batch_size: int = 32
     seed: int = 0
@@ -48,7 +48,12 @@ def best_method() -> str:
 def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
     prepare_output(cfg.out, cfg.force)
     method = cfg.method or best_method()
-    summary: dict[str, Any] = {"model": cfg.model.spec, "bits": str(cfg.bits), "method": method}
+    summary: dict[str, Any] = {
+        "model": cfg.model.spec,
+        "bits": str(cfg.bits),
+        "method": method,
+        "out": str(cfg.out),
+    }
     with atomic_dir(cfg.out) as tmp:
         data = cfg.data
         if data is None:
@@ -72,12 +77,26 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
         )
         summary["export"] = export(ExportConfig(qpath, opath, check_data=data.path), ui)
         eval_data = cfg.eval_data or data
-        summary["eval_data"] = str(eval_data.path) if cfg.eval_data or cfg.data else "calibration images (no --data given)"
+        summary["eval_data"] = (
+            str(eval_data.path)
+            if cfg.eval_data or cfg.data
+            else "calibration images (no --data given)"
+        )
         summary["eval_fp"] = evaluate(
-            EvalConfig(cfg.model.spec, eval_data, model=cfg.model, latency=cfg.latency, seed=cfg.seed), ui
+            EvalConfig(
+                cfg.model.spec, eval_data, model=cfg.model, latency=cfg.latency, seed=cfg.seed
+            ),
+            ui,
         )
         summary["eval_quantized"] = evaluate(
-            EvalConfig(str(opath), eval_data, reference=cfg.model.spec, model=cfg.model, latency=cfg.latency, seed=cfg.seed),
+            EvalConfig(
+                str(opath),
+                eval_data,
+                reference=cfg.model.spec,
+                model=cfg.model,
+                latency=cfg.latency,
+                seed=cfg.seed,
+            ),
             ui,
         )
         write_manifest(tmp / "summary.json", summary)
@@ -90,6 +109,6 @@ def _relocate(obj: Any, old: Path, new: Path) -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(v, str) and v.startswith(str(old)):
-                obj[k] = str(new) + v[len(str(old)):]
+                obj[k] = str(new) + v[len(str(old)) :]
             else:
                 _relocate(v, old, new)

@@ -1,0 +1,97 @@
+"""qcli benchmark harness: `python benchmarks/run.py [--suite S] [--quick] [--no-cache]`.
+
+Writes benchmarks/results/<suite>.json (every number, the command, git commit, core count,
+date, load averages) and benchmarks/<suite>.md (the tables). The protocol is ../shared's
+BENCHMARKS.md. Suites whose material (QCLI_SHARED_DATA, default ../shared/data) is missing
+are skipped with a message and exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (qcli does it too)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SUITES = ("ptq", "deploy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    parser.add_argument("--quick", action="store_true", help="a few minutes, for development")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="recompute cached calibrations and exports"
+    )
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import torch
+    from suites import common
+
+    torch.set_num_threads(common.TORCH_THREADS)
+    data = common.shared_data()
+    if not data.is_dir():
+        print(f"benchmarks skipped: shared data folder '{data}' not found (set QCLI_SHARED_DATA)")
+        return 0
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    missing = _missing(data, names)
+    command = " ".join([".venv/bin/python benchmarks/run.py", *(argv or sys.argv[1:])])
+    ctx = common.Context(quick=args.quick, use_cache=not args.no_cache, command=command, data=data)
+    ctx.env = common.environment()
+    common.prune_cache(ctx.cache)
+    for name in names:
+        if missing.get(name):
+            print(f"suite {name} skipped: missing {', '.join(missing[name])}")
+            continue
+        _run_suite(ctx, name)
+    return 0
+
+
+def _missing(data: Path, names: list[str]) -> dict[str, list[str]]:
+    need = [
+        data / "cifar10" / "train",
+        data / "cifar10" / "test",
+        data.parent / "models" / "resnet20_cifar10.th",
+        data / "imagenet-sample" / "wnids.txt",
+    ]
+    gone = [str(p) for p in need if not p.exists()]
+    return {n: gone for n in names}
+
+
+def _run_suite(ctx, name: str) -> None:
+    import importlib
+
+    from suites import common
+
+    module = importlib.import_module(f"suites.{name}")
+    common.log(f"suite {name} start{' (quick)' if ctx.quick else ''}")
+    la0 = common.loadavg()
+    t0 = time.perf_counter()
+    body, markdown = module.run(ctx)
+    payload = {
+        "suite": name,
+        "quick": ctx.quick,
+        "command": ctx.command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "loadavg_start": la0,
+        "loadavg_end": common.loadavg(),
+        **ctx.env,
+        "src_hash_end": common.src_hash(),
+        **body,
+    }
+    if payload["src_hash_end"] != ctx.env["src_hash"]:
+        common.log("warning: files under src/ changed during the run (see src_hash_end)")
+    markdown = markdown.replace("{header}", "\n".join(common.header_lines(ctx, payload)))
+    common.write_outputs(ctx, name, payload, markdown)
+    common.log(f"suite {name} done in {payload['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

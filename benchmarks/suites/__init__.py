@@ -1,0 +1,1 @@
+"""Benchmark suites of `benchmarks/run.py`: each module has `run(ctx) -> dict`."""

@@ -1,0 +1,171 @@
+"""ptq: post-training quantization methods × bit widths, top-1 of the exported ONNX in
+onnxruntime against the float model's own top-1 on the same images.
+
+Rows are `Row(label, method, settings)` entries: a new calibration method (AdaRound, BRECQ,
+...) is one more entry in ROWS, with any settings it takes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from suites.common import (
+    Context,
+    benches,
+    differ_pct,
+    drop,
+    fmt,
+    log,
+    md_table,
+    qcli_artifact,
+    score_fp,
+    score_ort,
+    score_sim,
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+ROWS = [
+    Row("min-max", "minmax"),
+    Row("percentile", "percentile"),
+    Row("MSE", "mse"),
+]
+BITS = {"r20": ["w8a8", "w4a8", "w4a4"], "effl0": ["w8a8", "w4a8", "w4a4"]}
+
+QUICK_ROWS = [r for r in ROWS if r.method in ("minmax", "mse")]
+QUICK_BITS = {"r20": ["w8a8", "w4a8"]}
+
+
+def run(ctx: Context) -> tuple[dict[str, Any], str]:
+    rows = QUICK_ROWS if ctx.quick else ROWS
+    bits_of = QUICK_BITS if ctx.quick else BITS
+    models: dict[str, Any] = {}
+    for b in benches(ctx, list(bits_of)):
+        log(f"ptq {b.key}: float model")
+        fp = score_fp(ctx, b)
+        log(f"ptq {b.key}: FP top-1 {fp.top1:.2f} on {fp.n} images")
+        cells = []
+        for row in rows:
+            for bits in bits_of[b.key]:
+                cells.append(_cell(ctx, b, row, bits, fp.top1))
+        models[b.key] = {
+            "model": b.model.spec,
+            "calibration": b.calib_desc,
+            "evaluation": b.eval_desc,
+            "fp": fp.to_dict(),
+            "bits": bits_of[b.key],
+            "cells": cells,
+        }
+    return {"rows": [r.__dict__ for r in rows], "models": models}, _markdown(models)
+
+
+def _cell(ctx: Context, b, row: Row, bits: str, fp_top1: float) -> dict[str, Any]:
+    t = time.perf_counter()
+    art = qcli_artifact(ctx, b, row.method, bits, row.settings)
+    cell: dict[str, Any] = {
+        "row": row.label,
+        "method": row.method,
+        "settings": row.settings,
+        "bits": bits,
+        "calibrate_s": art.info.get("calibrate_s"),
+        "calibrate_wall_s": art.info.get("calibrate_wall_s"),
+        "calibrate_loadavg": art.info.get("calibrate_loadavg"),
+        "cached": art.info.get("cached"),
+        "export_check": art.info.get("export", {}).get("check"),
+        "export_error": art.info.get("export_error"),
+    }
+    sim = score_sim(ctx, b, art.qmodel)
+    cell["sim"] = sim.to_dict()
+    if art.onnx is not None:
+        ort_s = score_ort(ctx, b, art.onnx)
+        cell["ort"] = ort_s.to_dict()
+        cell["ort_drop"] = ort_s.top1 - fp_top1
+        cell["sim_vs_ort_differ_pct"] = differ_pct(sim, ort_s)
+    cell["seconds"] = round(time.perf_counter() - t, 1)
+    ort_text = f"{cell['ort']['top1']:.2f}" if "ort" in cell else "export failed"
+    log(
+        f"ptq {b.key} {row.label} {bits}: ORT {ort_text}, sim {sim.top1:.2f}, "
+        f"sim≠ORT {fmt(cell.get('sim_vs_ort_differ_pct'), 3)}%, calib {cell['calibrate_s']} s"
+    )
+    return cell
+
+
+def _markdown(models: dict[str, Any]) -> str:
+    out = ["# ptq: range-setting PTQ, top-1 in onnxruntime", ""]
+    out.append("{header}")
+    out.append("")
+    out.append(
+        "Cells: top-1 (%) of the exported QDQ ONNX model run in onnxruntime, and in brackets "
+        "the drop in points against the float model's own top-1 on the same images in the "
+        "same run. Weights per-channel symmetric, activations per-tensor, every conv/linear "
+        "quantized (first and last included). Details below: the PyTorch simulation's top-1, "
+        "the share of images whose top-1 differs between simulation and onnxruntime, and the "
+        "calibration wall time with the load average."
+    )
+    for key, m in models.items():
+        fp = m["fp"]["top1"]
+        out += ["", f"## {key} (`{m['model']}`)", ""]
+        out.append(f"Calibration: {m['calibration']}. Evaluation: {m['evaluation']}.")
+        out.append("")
+        header = ["method", *[b.upper() for b in m["bits"]]]
+        rows = [["FP32 (PyTorch)", *[f"{fp:.2f}" for _ in m["bits"]]]]
+        by_row: dict[str, dict[str, Any]] = {}
+        for c in m["cells"]:
+            by_row.setdefault(c["row"], {})[c["bits"]] = c
+        for label, cells in by_row.items():
+            line = [label]
+            for bits in m["bits"]:
+                c = cells.get(bits)
+                if c is None:
+                    line.append("—")
+                elif "ort" in c:
+                    line.append(f"{c['ort']['top1']:.2f} ({drop(c['ort']['top1'], fp)})")
+                else:
+                    line.append("export failed")
+            rows.append(line)
+        out.append(md_table(header, rows))
+        out += ["", "Details:", ""]
+        detail = []
+        for c in m["cells"]:
+            ort_top1 = c["ort"]["top1"] if "ort" in c else None
+            la = c.get("calibrate_loadavg") or [[None]]
+            detail.append(
+                [
+                    c["row"],
+                    c["bits"].upper(),
+                    ort_top1,
+                    drop(ort_top1, fp),
+                    c["sim"]["top1"],
+                    drop(c["sim"]["top1"], fp),
+                    fmt(c.get("sim_vs_ort_differ_pct"), 3),
+                    c["calibrate_s"],
+                    fmt(la[0][0], 1),
+                    c["export_error"] or "",
+                ]
+            )
+        out.append(
+            md_table(
+                [
+                    "method",
+                    "bits",
+                    "ORT top-1",
+                    "drop",
+                    "sim top-1",
+                    "sim drop",
+                    "sim≠ORT %",
+                    "calibration s",
+                    "load avg",
+                    "note",
+                ],
+                detail,
+            )
+        )
+    return "\n".join(out)

@@ -1,0 +1,158 @@
+"""Partition a QuantGraph into reconstruction units: layers, blocks or stages.
+
+A unit is a contiguous run of graph nodes with one input tensor and one output tensor, so a
+reconstruction method can cache the unit's input once and replay the unit alone. Cuts come
+from the graph: a cut after node n is valid when n's output is the only tensor still needed
+later; a residual block therefore can never be split, whatever its code looks like. The module
+tree then names blocks and stages and says which adjacent cut segments belong together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from qcli.quant import ops
+from qcli.quant.capture import QuantGraph
+from qcli.quant.modules import QConv2d, QLinear
+
+GRANULARITIES = ("layer", "block", "stage")
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    nodes: tuple[str, ...]  # fx node names, in execution order
+    layers: tuple[str, ...]  # conv/linear module paths inside
+    input: str  # the node whose output feeds the unit
+    output: str  # the node whose output leaves the unit
+
+
+def partition(qg: QuantGraph, granularity: str = "block") -> list[Unit]:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}")
+    gm = qg.module
+    mods = dict(gm.named_modules())
+    order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    segments = _single_tensor_segments(gm.graph, order)
+    units = _attach_weightless(segments, mods)
+    if granularity != "layer":  # layer units: the finest single-tensor cuts
+        key = _block_key if granularity == "block" else _stage_key
+        units = _merge_by_key(units, mods, qg.containers, key)
+    return [_make_unit(u, mods) for u in units]
+
+
+def _single_tensor_segments(graph: fx.Graph, order: list[fx.Node]) -> list[list[fx.Node]]:
+    pos = {n: i for i, n in enumerate(order)}
+    last_use = {}
+    for n in graph.nodes:
+        for a in n.all_input_nodes:
+            last_use[a] = max(last_use.get(a, -1), pos.get(n, len(order)))
+    segments, current, live = [], [], set()
+    for i, n in enumerate(order):
+        current.append(n)
+        live.add(n)
+        live = {m for m in live if last_use.get(m, -1) > i}
+        if live <= {n}:
+            segments.append(current)
+            current = []
+    if current:
+        segments.append(current)
+    return segments
+
+
+def _is_layer(n: fx.Node, mods: dict) -> bool:
+    return n.op == "call_module" and isinstance(mods.get(n.target), QConv2d | QLinear)
+
+
+def _attach_weightless(segments: list[list[fx.Node]], mods: dict) -> list[list[fx.Node]]:
+    """Activations, quantizers and pools join the unit before them (the first: the one after)."""
+    units: list[list[fx.Node]] = []
+    pending: list[fx.Node] = []
+    for seg in segments:
+        if any(_is_layer(n, mods) for n in seg):
+            units.append(pending + seg)
+            pending = []
+        elif units:
+            units[-1].extend(seg)
+        else:
+            pending.extend(seg)
+    if pending:
+        units.append(pending)
+    return units
+
+
+def _module_path(n: fx.Node) -> str:
+    return str(n.target)
+
+
+def _block_key(path: str, containers: frozenset[str]) -> str:
+    """The shallowest non-container module above a layer (a BasicBlock, an InvertedResidual)."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if prefix not in containers:
+            return prefix
+    return path
+
+
+def _stage_key(path: str, containers: frozenset[str]) -> str:
+    """The container holding a layer's block (`layer1`, `blocks.2`)."""
+    block = _block_key(path, containers)
+    return block.rpartition(".")[0] or block
+
+
+def _merge_by_key(
+    units: list[list[fx.Node]], mods: dict, containers: frozenset[str], key
+) -> list[list[fx.Node]]:
+    merged: list[list[fx.Node]] = []
+    keys: list[str | None] = []
+    for u in units:
+        layers = [_module_path(n) for n in u if _is_layer(n, mods)]
+        k = key(layers[0], containers) if layers else None
+        if merged and k is not None and k == keys[-1] and k not in (layers[0],):
+            merged[-1].extend(u)
+        else:
+            merged.append(list(u))
+            keys.append(k)
+    return merged
+
+
+def _make_unit(nodes: list[fx.Node], mods: dict) -> Unit:
+    names = tuple(n.name for n in nodes)
+    inside = set(nodes)
+    inputs = [a for n in nodes for a in n.all_input_nodes if a not in inside]
+    layers = tuple(_module_path(n) for n in nodes if _is_layer(n, mods))
+    return Unit(
+        name=_common_prefix(layers) or names[0],
+        nodes=names,
+        layers=layers,
+        input=inputs[0].name if inputs else "",
+        output=nodes[-1].name,
+    )
+
+
+def _common_prefix(paths: tuple[str, ...]) -> str:
+    if not paths:
+        return ""
+    parts = [p.split(".") for p in paths]
+    common = []
+    for items in zip(*parts, strict=False):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    if len(paths) == 1:
+        return paths[0]
+    return ".".join(common) or f"{paths[0]}..{paths[-1]}"
+
+
+def unit_kinds(qg: QuantGraph, unit: Unit) -> list[str]:
+    """Op names inside a unit, for display."""
+    mods = dict(qg.module.named_modules())
+    by_name = {n.name: n for n in qg.module.graph.nodes}
+    out = []
+    for name in unit.nodes:
+        op = ops.classify(by_name[name], mods)
+        out.append(op.name if op else "?")
+    return out
