@@ -25,6 +25,7 @@ import torch
 
 from qcli.data import ImageFolderSet, TensorSet, iterate, open_data
 from qcli.evaluate import OrtModel, accuracy
+from qcli.quant.capture import capture, set_quantization
 from qcli.quant.spec import BitConfig
 from qcli.stages.calibrate import CalibrateConfig, calibrate
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
@@ -408,20 +409,35 @@ def differ_pct(a: Scored, b: Scored) -> float:
     return 100.0 * float((a.predictions != b.predictions).float().mean())
 
 
-def export_fp32_onnx(ctx: Context, b: Bench) -> Path:
-    """The float model as ONNX (TorchScript exporter, opset 17, dynamic batch)."""
-    d = ctx.key_dir(b.key, "fp32-" + cache_key(spec=b.model.spec, torch=torch.__version__))
+def export_fp32_onnx(ctx: Context, b: Bench) -> tuple[Path, str]:
+    """The float model as ONNX (TorchScript exporter, opset 17, dynamic batch).
+
+    A model with timm's Conv2dSame (padding computed from the input shape at run time: Shape,
+    Ceil, Pad ... subgraphs in ONNX) is exported from qcli's captured graph with every
+    quantizer off instead: the same arithmetic with static pads for the model's input size,
+    which is what qcli's export and peers (BENCHMARKS.md) deploy.
+    Returns (path, how it was made).
+    """
+    loaded = b.loaded()
+    dynamic = any(type(m).__name__ == "Conv2dSame" for m in loaded.module.modules())
+    how = "capture()'d graph, quantizers off (static pads)" if dynamic else "float model"
+    key = cache_key(spec=b.model.spec, torch=torch.__version__, how=how)
+    d = ctx.key_dir(b.key, "fp32-" + key)
     path = d / "model.onnx"
     if ctx.use_cache and path.is_file():
-        return path
+        return path, how
     d.mkdir(parents=True, exist_ok=True)
-    loaded = b.loaded()
+    module = loaded.module.eval()
+    if dynamic:
+        qg = capture(loaded.module, b.input_shape, BitConfig(8, 8))
+        set_quantization(qg, False, False)
+        module = qg.module.eval()
     example = torch.zeros(1, *b.input_shape)
     tmp = d / "model.onnx.tmp"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            loaded.module.eval(),
+            module,
             (example,),
             str(tmp),
             dynamo=False,
@@ -431,7 +447,7 @@ def export_fp32_onnx(ctx: Context, b: Bench) -> Path:
             dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
         )
     tmp.replace(path)
-    return path
+    return path, how
 
 
 # -- output -------------------------------------------------------------------------------

@@ -84,8 +84,8 @@ def run(ctx: Context) -> tuple[dict[str, Any], str]:
 
 def _model(ctx: Context, b: Bench, plan: LatencyPlan) -> dict[str, Any]:
     log(f"deploy {b.key}: FP32 ONNX export")
-    fp32 = export_fp32_onnx(ctx, b)
-    targets = [Target("FP32", "fp32", fp32)]
+    fp32, how = export_fp32_onnx(ctx, b)
+    targets = [Target("FP32", "fp32", fp32, {"made_from": how})]
     for label, method, bits in QCLI_TARGETS:
         log(f"deploy {b.key}: {label}")
         art = qcli_artifact(ctx, b, method, bits)
@@ -130,6 +130,7 @@ def _model(ctx: Context, b: Bench, plan: LatencyPlan) -> dict[str, Any]:
         "calibration": b.calib_desc,
         "evaluation": b.eval_desc,
         "fp_torch": fp_torch.to_dict(),
+        "fp32_onnx_from": how,
         "targets": [
             {"label": t.label, "kind": t.kind, "onnx": t.onnx, "info": t.info, **t.result}
             for t in targets
@@ -153,7 +154,9 @@ def _ort_target(
 
     label = f"onnxruntime quantize_static {label}"
     d = ctx.key_dir(
-        b.key, f"ortq-{method}-" + cache_key(calib=str(b.calib), ort=onnxruntime.__version__)
+        b.key,
+        f"ortq-{method}-"
+        + cache_key(calib=str(b.calib), ort=onnxruntime.__version__, fp32=fp32.parent.name),
     )
     info_file = d / "info.json"
     out = d / "model.onnx"
@@ -248,7 +251,8 @@ def _markdown(models: dict[str, Any], plan: LatencyPlan) -> str:
         out += ["", f"## {key} (`{m['model']}`)", ""]
         out.append(
             f"Calibration: {m['calibration']}. Evaluation: {m['evaluation']}. "
-            f"Float PyTorch top-1: {fp:.2f}."
+            f"Float PyTorch top-1: {fp:.2f}. FP32 ONNX exported from the "
+            f"{m['fp32_onnx_from']}."
         )
         out.append("")
         rows = []

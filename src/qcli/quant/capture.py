@@ -190,7 +190,9 @@ def _check_supported(gm: fx.GraphModule, example: Tensor) -> None:
     _propagate_shapes(gm, example)
     mods = dict(gm.named_modules())
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output", "get_attr") or not _is_tensor(n):
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        if not _is_tensor(n) and n.op != "call_module":  # layers returning tuples: refused
             continue
         op = ops.classify(n, mods)
         if op is None:
@@ -313,12 +315,18 @@ def _needs_quantizer(n: fx.Node, kinds: dict, keep: tuple[str, ...]) -> bool:
         return False
     if _feeds_only_output(n, kinds):
         return False  # logits stay float: no integer kernel consumes them
-    users = list(n.users)
-    return not (
-        kind in (ops.WEIGHTED, ops.COMPUTE)
-        and len(users) == 1
-        and kinds.get(users[0]) == ops.FUSABLE
-    )
+    fused = _sole_consumer_kind(n, kinds) == ops.FUSABLE
+    return not (kind in (ops.WEIGHTED, ops.COMPUTE) and fused)
+
+
+def _sole_consumer_kind(n: fx.Node, kinds: dict) -> str | None:
+    """The kind of the one op consuming n, looking through no-op passthroughs (timm's
+    conv -> bn -> drop_block (Identity) -> ReLU): an integer kernel still fuses the ReLU."""
+    while len(n.users) == 1:
+        (n,) = n.users
+        if kinds.get(n) != ops.PASSTHROUGH:
+            return kinds.get(n)
+    return None
 
 
 def _feeds_only_output(n: fx.Node, kinds: dict) -> bool:
