@@ -9,6 +9,7 @@ are skipped with a message and exit status 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute cached calibrations and exports"
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only redo benchmarks/<suite>.md from benchmarks/results/<suite>.json",
+    )
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -35,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     from suites import common
 
     torch.set_num_threads(common.TORCH_THREADS)
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    if args.render:
+        for name in names:
+            _render(name)
+        return 0
     data = common.shared_data()
     if not data.is_dir():
         print(f"benchmarks skipped: shared data folder '{data}' not found (set QCLI_SHARED_DATA)")
         return 0
-    names = list(SUITES) if args.suite == "all" else [args.suite]
     missing = _missing(data, names)
     command = " ".join([".venv/bin/python benchmarks/run.py", *(argv or sys.argv[1:])])
     ctx = common.Context(quick=args.quick, use_cache=not args.no_cache, command=command, data=data)
@@ -73,7 +83,7 @@ def _run_suite(ctx, name: str) -> None:
     common.log(f"suite {name} start{' (quick)' if ctx.quick else ''}")
     la0 = common.loadavg()
     t0 = time.perf_counter()
-    body, markdown = module.run(ctx)
+    body = module.run(ctx)
     payload = {
         "suite": name,
         "quick": ctx.quick,
@@ -88,9 +98,23 @@ def _run_suite(ctx, name: str) -> None:
     }
     if payload["src_hash_end"] != ctx.env["src_hash"]:
         common.log("warning: files under src/ changed during the run (see src_hash_end)")
-    markdown = markdown.replace("{header}", "\n".join(common.header_lines(ctx, payload)))
-    common.write_outputs(ctx, name, payload, markdown)
+    payload = json.loads(json.dumps(payload, default=str))  # what the JSON file holds
+    common.write_outputs(name, payload, module.markdown(payload))
     common.log(f"suite {name} done in {payload['wall_s']:.0f} s")
+
+
+def _render(name: str) -> None:
+    import importlib
+
+    from suites import common
+
+    path = common.RESULTS / f"{name}.json"
+    if not path.is_file():
+        print(f"suite {name}: no {path} to render")
+        return
+    payload = json.loads(path.read_text())
+    module = importlib.import_module(f"suites.{name}")
+    common.write_outputs(name, None, module.markdown(payload))
 
 
 if __name__ == "__main__":

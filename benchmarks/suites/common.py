@@ -470,22 +470,25 @@ def drop(top1: float | None, ref: float) -> str:
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_outputs(ctx: Context, suite: str, payload: dict[str, Any], markdown: str) -> None:
+def write_outputs(suite: str, payload: dict[str, Any] | None, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{suite}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if payload is not None:
+        (RESULTS / f"{suite}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        log(f"wrote benchmarks/results/{suite}.json")
     (BENCH / f"{suite}.md").write_text(markdown.rstrip() + "\n")
-    log(f"wrote benchmarks/results/{suite}.json and benchmarks/{suite}.md")
+    log(f"wrote benchmarks/{suite}.md")
 
 
-def header_lines(ctx: Context, payload: dict[str, Any]) -> list[str]:
-    env = ctx.env
+def header_lines(payload: dict[str, Any]) -> list[str]:
+    """The run's provenance, from the suite's JSON payload."""
+    env = payload
     dirty = env["git_dirty_files"]
     return [
-        f"- command: `{ctx.command}`" + (" (quick mode)" if ctx.quick else ""),
+        f"- command: `{env['command']}`" + (" (quick mode)" if env["quick"] else ""),
         f"- date: {payload['date']}; wall time {payload['wall_s']:.0f} s",
         f"- git commit: `{env['git_commit'][:12]}`"
         + (f" with {len(dirty)} uncommitted file(s)" if dirty else "")
@@ -496,7 +499,7 @@ def header_lines(ctx: Context, payload: dict[str, Any]) -> list[str]:
             else ""
         ),
         f"- machine: {env['cores']} cores, onnxruntime {env['onnxruntime']} with "
-        f"{THREADS} intra-op threads, torch {env['torch']} with {env['torch_threads']} "
+        f"{env['ort_threads']} intra-op threads, torch {env['torch']} with {env['torch_threads']} "
         f"thread(s) for calibration and simulation, OMP_WAIT_POLICY="
         f"{env['omp_wait_policy']}",
         f"- load average (1/5/15 min) at start {payload['loadavg_start']}, "

@@ -31,6 +31,7 @@ from suites.common import (
     drop,
     export_fp32_onnx,
     fmt,
+    header_lines,
     loadavg,
     log,
     md_table,
@@ -72,14 +73,14 @@ class Target:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def run(ctx: Context) -> tuple[dict[str, Any], str]:
+def run(ctx: Context) -> dict[str, Any]:
     keys = ["r20"] if ctx.quick else ["r20", "effl0"]
     plan = QUICK_LATENCY if ctx.quick else FULL_LATENCY
     models = {}
     for b in benches(ctx, keys):
         models[b.key] = _model(ctx, b, plan)
     payload = {"latency_plan": plan.__dict__, "ort_timeout_s": ORT_TIMEOUT_S, "models": models}
-    return payload, _markdown(models, plan)
+    return payload
 
 
 def _model(ctx: Context, b: Bench, plan: LatencyPlan) -> dict[str, Any]:
@@ -229,9 +230,12 @@ def _latency(b: Bench, targets: list[Target], plan: LatencyPlan) -> None:
         )
 
 
-def _markdown(models: dict[str, Any], plan: LatencyPlan) -> str:
+def markdown(payload: dict[str, Any]) -> str:
+    """The tables, from the suite's JSON payload (so `run.py --render` can redo them)."""
+    models = payload["models"]
+    plan = LatencyPlan(**payload["latency_plan"])
     out = ["# deploy: onnxruntime accuracy, agreement with the simulation, latency, size", ""]
-    out += ["{header}", ""]
+    out += [*header_lines(payload), ""]
     out.append(
         "ORT top-1: the ONNX file run in onnxruntime (CPU, graph optimizations on); drop in "
         "points against the float PyTorch model on the same images. sim≠ORT: share of "

@@ -17,6 +17,7 @@ from suites.common import (
     differ_pct,
     drop,
     fmt,
+    header_lines,
     log,
     md_table,
     qcli_artifact,
@@ -44,7 +45,7 @@ QUICK_ROWS = [r for r in ROWS if r.method in ("minmax", "mse")]
 QUICK_BITS = {"r20": ["w8a8", "w4a8"]}
 
 
-def run(ctx: Context) -> tuple[dict[str, Any], str]:
+def run(ctx: Context) -> dict[str, Any]:
     rows = QUICK_ROWS if ctx.quick else ROWS
     bits_of = QUICK_BITS if ctx.quick else BITS
     models: dict[str, Any] = {}
@@ -64,7 +65,7 @@ def run(ctx: Context) -> tuple[dict[str, Any], str]:
             "bits": bits_of[b.key],
             "cells": cells,
         }
-    return {"rows": [r.__dict__ for r in rows], "models": models}, _markdown(models)
+    return {"rows": [r.__dict__ for r in rows], "models": models}
 
 
 def _cell(ctx: Context, b, row: Row, bits: str, fp_top1: float) -> dict[str, Any]:
@@ -98,9 +99,11 @@ def _cell(ctx: Context, b, row: Row, bits: str, fp_top1: float) -> dict[str, Any
     return cell
 
 
-def _markdown(models: dict[str, Any]) -> str:
+def markdown(payload: dict[str, Any]) -> str:
+    """The tables, from the suite's JSON payload (so `run.py --render` can redo them)."""
+    models = payload["models"]
     out = ["# ptq: range-setting PTQ, top-1 in onnxruntime", ""]
-    out.append("{header}")
+    out += header_lines(payload)
     out.append("")
     out.append(
         "Cells: top-1 (%) of the exported QDQ ONNX model run in onnxruntime, and in brackets "

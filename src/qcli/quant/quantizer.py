@@ -54,29 +54,21 @@ class Quantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        if self.rounding is not None:
-            return self._fake_quantize_with_rounding(x)
-        s = self.spec
-        return P.fake_quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, self.axis)
+        return P.dequantize(self._grid(x), self.scale, self.zero_point, self.axis)
 
-    def _fake_quantize_with_rounding(self, x: Tensor) -> Tensor:
+    def _grid(self, x: Tensor) -> Tensor:
+        """Integer grid values (as float): round half to even, or the learned rounding."""
         s = self.spec
+        if self.rounding is None:
+            return P.quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, self.axis)
         scale = P._broadcast(self.scale, x, self.axis)
         zp = P._broadcast(self.zero_point, x, self.axis)
-        q = torch.clamp(self.rounding(x / scale) + zp, s.qmin, s.qmax)
-        return (q - zp) * scale
+        return torch.clamp(self.rounding(x / scale) + zp, s.qmin, s.qmax)
 
     @torch.no_grad()
     def quantize_int(self, x: Tensor) -> Tensor:
         """Integer values for export: the same arithmetic as forward, without the dequantize."""
-        s = self.spec
-        if self.rounding is not None:
-            scale = P._broadcast(self.scale, x, self.axis)
-            zp = P._broadcast(self.zero_point, x, self.axis)
-            q = torch.clamp(self.rounding(x / scale) + zp, s.qmin, s.qmax)
-        else:
-            q = P.quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, self.axis)
-        return q.round().to(torch.int32)
+        return self._grid(x).round().to(torch.int32)
 
     def extra_repr(self) -> str:
         s = self.spec
