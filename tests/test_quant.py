@@ -161,10 +161,11 @@ def test_axis_other_than_zero():
 def test_bias_on_int32_grid():
     # input scale 0.5, weight scales [0.1, 0.02] -> bias grid [0.05, 0.01]
     # 0.123 / 0.05 = 2.46 -> 2 -> 0.1 ;  0.123 / 0.01 = 12.3 -> 12 -> 0.12
-    # 0.125 / 0.05 = 2.5 (tie) -> 2 -> 0.1
     b = P.fake_quantize_bias(t(0.123, 0.123), t(0.5), t(0.1, 0.02))
     assert_close(b, [0.1, 0.12])
-    assert_close(P.fake_quantize_bias(t(0.125), t(0.5), t(0.1)), 0.1)
+    # exact ties on grid 0.5 * 0.25 = 0.125 go to even: 0.1875 / 0.125 = 1.5 -> 2 -> 0.25,
+    # 0.3125 / 0.125 = 2.5 -> 2 -> 0.25
+    assert_close(P.fake_quantize_bias(t(0.1875, 0.3125), t(0.5), t(0.25, 0.25)), [0.25, 0.25])
 
 
 # -- qparams_from_range ---------------------------------------------------------------------
