@@ -27,7 +27,7 @@ from qcli.ui import UI
 class QuantizeConfig:
     model: ModelOptions
     out: Path
-    bits: BitConfig = field(default_factory=lambda: BitConfig(4, 8))
+    bits: BitConfig = field(default_factory=lambda: BitConfig(8, 8))
     data: DataOptions | None = None
     eval_data: DataOptions | None = None
     method: str | None = None  # None: the best registered calibration method
