@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(SUITES) if args.suite == "all" else [args.suite]
     if args.render:
         for name in names:
-            _render(name)
+            _render(name, args.quick)
         return 0
     data = common.shared_data()
     if not data.is_dir():
@@ -99,22 +99,27 @@ def _run_suite(ctx, name: str) -> None:
     if payload["src_hash_end"] != ctx.env["src_hash"]:
         common.log("warning: files under src/ changed during the run (see src_hash_end)")
     payload = json.loads(json.dumps(payload, default=str))  # what the JSON file holds
-    common.write_outputs(name, payload, module.markdown(payload))
+    common.write_outputs(_stem(name, ctx.quick), payload, module.markdown(payload))
     common.log(f"suite {name} done in {payload['wall_s']:.0f} s")
 
 
-def _render(name: str) -> None:
+def _stem(name: str, quick: bool) -> str:
+    """Quick runs write <suite>.quick.json/.md (git-ignored): never over the full results."""
+    return f"{name}.quick" if quick else name
+
+
+def _render(name: str, quick: bool) -> None:
     import importlib
 
     from suites import common
 
-    path = common.RESULTS / f"{name}.json"
+    path = common.RESULTS / f"{_stem(name, quick)}.json"
     if not path.is_file():
         print(f"suite {name}: no {path} to render")
         return
     payload = json.loads(path.read_text())
     module = importlib.import_module(f"suites.{name}")
-    common.write_outputs(name, None, module.markdown(payload))
+    common.write_outputs(_stem(name, quick), None, module.markdown(payload))
 
 
 if __name__ == "__main__":

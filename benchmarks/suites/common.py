@@ -66,7 +66,7 @@ def _git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return out.stdout.strip()
+    return out.stdout.rstrip("\n")  # not strip(): porcelain lines start with a space
 
 
 def src_hash() -> str:
@@ -83,7 +83,7 @@ def environment() -> dict[str, Any]:
     import onnxruntime
 
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": _git("rev-parse", "HEAD").strip(),
         "git_dirty_files": [line[3:] for line in _git("status", "--porcelain").splitlines()],
         "src_hash": src_hash(),
         "cores": os.cpu_count(),
@@ -486,12 +486,12 @@ def write_outputs(suite: str, payload: dict[str, Any] | None, markdown: str) -> 
 def header_lines(payload: dict[str, Any]) -> list[str]:
     """The run's provenance, from the suite's JSON payload."""
     env = payload
-    dirty = env["git_dirty_files"]
+    dirty = [f for f in env["git_dirty_files"] if f.startswith("src/")]
     return [
         f"- command: `{env['command']}`" + (" (quick mode)" if env["quick"] else ""),
         f"- date: {payload['date']}; wall time {payload['wall_s']:.0f} s",
         f"- git commit: `{env['git_commit'][:12]}`"
-        + (f" with {len(dirty)} uncommitted file(s)" if dirty else "")
+        + (f" with {len(dirty)} uncommitted file(s) under src/" if dirty else " (src/ clean)")
         + f"; src hash `{env['src_hash']}`"
         + (
             f" (src/ changed during the run: `{payload['src_hash_end']}` at the end)"
