@@ -27,6 +27,10 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def calibrate_r20(weights: Path, data: Path, *extra) -> tuple[int, str, str]:
+    return run("calibrate", R20, "--weights", weights, "--data", data, *extra)
+
+
 def _no_traceback(err: str) -> None:
     assert "Traceback" not in err
 
@@ -56,12 +60,8 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def qmodel(tmp_path_factory, weights: Path, images: Path) -> Path:
     out = tmp_path_factory.mktemp("q") / "r20.qcli"
-    code, _, err = run(
-        "calibrate",
-        R20,
-        "--weights",
+    code, _, err = calibrate_r20(
         weights,
-        "--data",
         images,
         "--bits",
         "w8a8",
@@ -207,12 +207,8 @@ def test_unknown_timm_name(tmp_path: Path, images: Path):
 
 def test_empty_data_folder(tmp_path: Path, weights: Path):
     (tmp_path / "empty").mkdir()
-    code, _, err = run(
-        "calibrate",
-        R20,
-        "--weights",
+    code, _, err = calibrate_r20(
         weights,
-        "--data",
         tmp_path / "empty",
         "--out",
         tmp_path / "o.qcli",
@@ -227,12 +223,8 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path: Path, weights: Path, imag
     for p in sorted((images / "cat").iterdir())[:3]:
         (data / "cat" / p.name).write_bytes(p.read_bytes())
     (data / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    code, out, err = run(
-        "calibrate",
-        R20,
-        "--weights",
+    code, out, err = calibrate_r20(
         weights,
-        "--data",
         data,
         "--method",
         "minmax",
@@ -247,12 +239,8 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path: Path, weights: Path, imag
 
 @pytest.mark.parametrize("bits", ["w1a8", "w9a8", "w4", "x"])
 def test_bad_bits(tmp_path: Path, weights: Path, images: Path, bits: str):
-    code, _, err = run(
-        "calibrate",
-        R20,
-        "--weights",
+    code, _, err = calibrate_r20(
         weights,
-        "--data",
         images,
         "--bits",
         bits,
@@ -288,12 +276,8 @@ def test_existing_output_needs_force(tmp_path: Path, weights: Path, images: Path
 def test_unwritable_output_folder(tmp_path: Path, weights: Path, images: Path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run(
-        "calibrate",
-        R20,
-        "--weights",
+    code, _, err = calibrate_r20(
         weights,
-        "--data",
         images,
         "--out",
         blocker / "sub" / "o.qcli",
@@ -306,12 +290,8 @@ def test_wrong_input_size_for_data_set(tmp_path: Path, weights: Path):
     from qcli.artifacts import write_dataset
 
     write_dataset(tmp_path / "ds", torch.zeros(4, 3, 64, 64), None, {}, force=False)
-    code, _, err = run(
-        "calibrate",
-        R20,
-        "--weights",
+    code, _, err = calibrate_r20(
         weights,
-        "--data",
         tmp_path / "ds",
         "--out",
         tmp_path / "o.qcli",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from qcli.quant import ops
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
 
@@ -145,14 +144,3 @@ def _common_prefix(paths: tuple[str, ...]) -> str:
     if len(paths) == 1:
         return paths[0]
     return ".".join(common) or f"{paths[0]}..{paths[-1]}"
-
-
-def unit_kinds(qg: QuantGraph, unit: Unit) -> list[str]:
-    """Op names inside a unit, for display."""
-    mods = dict(qg.module.named_modules())
-    by_name = {n.name: n for n in qg.module.graph.nodes}
-    out = []
-    for name in unit.nodes:
-        op = ops.classify(by_name[name], mods)
-        out.append(op.name if op else "?")
-    return out
