@@ -7,6 +7,7 @@ end, so an interrupted run leaves the previous output intact.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,17 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
             ),
             ui,
         )
+        # Paths recorded so far point into the temporary folder: name the final one instead.
+        _relocate(summary, tmp, cfg.out)
         write_manifest(tmp / "summary.json", summary)
-    _relocate(summary, tmp, cfg.out)
+        manifest = json.loads((qpath / "manifest.json").read_text())
+        _relocate(manifest, tmp, cfg.out)
+        write_manifest(qpath / "manifest.json", manifest)
     return summary
 
 
 def _relocate(obj: Any, old: Path, new: Path) -> None:
-    """Paths in the summary point into the temporary folder until it is swapped in."""
+    """Rewrite, in place, every string path under `old` to lie under `new`."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(v, str) and v.startswith(str(old)):
