@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+
+from qcli.models import resnet20
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,3 +26,25 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path} (set QCLI_SHARED_DATA to its location)")
     return path
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """A random but fixed ResNet-20 checkpoint (random is enough to test the plumbing)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "r20.pt"
+    torch.save({"state_dict": resnet20().state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Path:
+    """Two classes of 8 random 32x32 images each."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir()
+        for i in range(8):
+            arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root

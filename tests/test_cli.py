@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors.torch import load_file
 
 from qcli.cli import cli
@@ -33,28 +31,6 @@ def calibrate_r20(weights: Path, data: Path, *extra) -> tuple[int, str, str]:
 
 def _no_traceback(err: str) -> None:
     assert "Traceback" not in err
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """A random but fixed ResNet-20 checkpoint (random is enough to test the plumbing)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "r20.pt"
-    torch.save({"state_dict": resnet20().state_dict()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """Two classes of 8 random 32x32 images each."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog"):
-        (root / c).mkdir()
-        for i in range(8):
-            arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / c / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -287,6 +287,7 @@ def qcli_artifact(
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     info: dict[str, Any] = {"method": method, "bits": bits, "settings": settings}
+    tuning = {k: bool(settings.pop(k, False)) for k in ("bn_tune", "bias_tune")}
     cfg = CalibrateConfig(
         model=b.model,
         data=b.calib,
@@ -295,6 +296,7 @@ def qcli_artifact(
         method=method,
         force=True,
         settings=settings,
+        **tuning,
     )
     la0 = loadavg()
     t = time.perf_counter()

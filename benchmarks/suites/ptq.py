@@ -32,17 +32,43 @@ class Row:
     label: str
     method: str
     settings: dict[str, Any] = field(default_factory=dict)
+    # bit widths per model this row runs at (None: all of BITS); reconstruction on a 2-core
+    # CPU is rationed to the cells where it matters
+    only: dict[str, tuple[str, ...]] | None = None
 
+
+RECON = ("adaround", "adaquant", "brecq", "qdrop")
+# Iterations per unit on this CPU (the papers: 10k-20k on a GPU); the iterations table below
+# shows what more buys.
+ITERS = {"r20": 200, "effl0": 100}
+LOW = ("w4a8", "w4a4", "w3a3", "w2a4")
+HARD = ("w4a4", "w3a3", "w2a4")
 
 ROWS = [
     Row("min-max", "minmax"),
     Row("percentile", "percentile"),
     Row("MSE", "mse"),
+    Row("MSE + bias tuning", "mse", {"bias_tune": True}),
+    Row("MSE + BN tuning", "mse", {"bn_tune": True}),
+    Row("AdaRound", "adaround", only={"r20": LOW, "effl0": ("w4a8", "w4a4")}),
+    Row("AdaQuant", "adaquant", only={"r20": LOW, "effl0": ("w4a8",)}),
+    Row("BRECQ", "brecq", only={"r20": LOW, "effl0": ("w4a8",)}),
+    Row("QDrop", "qdrop", only={"r20": ("w8a8", *LOW), "effl0": ("w8a8", "w4a8", "w4a4")}),
+    Row("QDrop + BN tuning", "qdrop", {"bn_tune": True}, only={"r20": HARD, "effl0": ("w4a8",)}),
 ]
-BITS = {"r20": ["w8a8", "w4a8", "w4a4"], "effl0": ["w8a8", "w4a8", "w4a4"]}
+BITS = {"r20": ["w8a8", "w4a8", "w4a4", "w3a3", "w2a4"], "effl0": ["w8a8", "w4a8", "w4a4"]}
+# Iterations-vs-accuracy trade-off: QDrop on r20 W4A4.
+SWEEP = {"model": "r20", "method": "qdrop", "bits": "w4a4", "iters": [50, 200, 500, 1000]}
 
-QUICK_ROWS = [r for r in ROWS if r.method in ("minmax", "mse")]
-QUICK_BITS = {"r20": ["w8a8", "w4a8"]}
+QUICK_ROWS = [Row("MSE", "mse"), Row("QDrop", "qdrop", {"iters": 20})]
+QUICK_BITS = {"r20": ["w4a4"]}
+QUICK_SWEEP = {**SWEEP, "iters": [10, 40]}
+
+
+def _settings(row: Row, key: str) -> dict[str, Any]:
+    if row.method in RECON:
+        return {"iters": ITERS[key], **row.settings}
+    return dict(row.settings)
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -56,7 +82,11 @@ def run(ctx: Context) -> dict[str, Any]:
         cells = []
         for row in rows:
             for bits in bits_of[b.key]:
-                cells.append(_cell(ctx, b, row, bits, fp.top1))
+                if row.only is None or bits in row.only.get(b.key, ()):
+                    cells.append(_cell(ctx, b, row, bits, fp.top1, _settings(row, b.key)))
+        sweep = QUICK_SWEEP if ctx.quick else SWEEP
+        if sweep["model"] == b.key:
+            models[b.key + "_sweep"] = _sweep(ctx, b, sweep, fp.top1)
         models[b.key] = {
             "model": b.model.spec,
             "calibration": b.calib_desc,
@@ -65,16 +95,25 @@ def run(ctx: Context) -> dict[str, Any]:
             "bits": bits_of[b.key],
             "cells": cells,
         }
-    return {"rows": [r.__dict__ for r in rows], "models": models}
+    sweeps = {k.removesuffix("_sweep"): models.pop(k) for k in list(models) if k.endswith("_sweep")}
+    return {"rows": [r.__dict__ for r in rows], "models": models, "sweeps": sweeps}
 
 
-def _cell(ctx: Context, b, row: Row, bits: str, fp_top1: float) -> dict[str, Any]:
+def _sweep(ctx: Context, b, sweep: dict[str, Any], fp_top1: float) -> dict[str, Any]:
+    row = Row(sweep["method"], sweep["method"])
+    cells = [_cell(ctx, b, row, sweep["bits"], fp_top1, {"iters": n}) for n in sweep["iters"]]
+    return {**sweep, "fp": fp_top1, "cells": cells}
+
+
+def _cell(
+    ctx: Context, b, row: Row, bits: str, fp_top1: float, settings: dict[str, Any]
+) -> dict[str, Any]:
     t = time.perf_counter()
-    art = qcli_artifact(ctx, b, row.method, bits, row.settings)
+    art = qcli_artifact(ctx, b, row.method, bits, settings)
     cell: dict[str, Any] = {
         "row": row.label,
         "method": row.method,
-        "settings": row.settings,
+        "settings": settings,
         "bits": bits,
         "calibrate_s": art.info.get("calibrate_s"),
         "calibrate_wall_s": art.info.get("calibrate_wall_s"),
@@ -102,7 +141,7 @@ def _cell(ctx: Context, b, row: Row, bits: str, fp_top1: float) -> dict[str, Any
 def markdown(payload: dict[str, Any]) -> str:
     """The tables, from the suite's JSON payload (so `run.py --render` can redo them)."""
     models = payload["models"]
-    out = ["# ptq: range-setting PTQ, top-1 in onnxruntime", ""]
+    out = ["# ptq: post-training quantization, top-1 in onnxruntime", ""]
     out += header_lines(payload)
     out.append("")
     out.append(
@@ -114,7 +153,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "calibration time (the method's own seconds, as qcli reports them) with the 1-minute "
         "load average when it ran. The target for sim≠ORT is at most 0.1%. 'export failed': "
         "qcli's export refused the model because onnxruntime and the simulation disagreed "
-        "on its 32 check images (the simulation's top-1 is still given)."
+        "on its 32 check images (the simulation's top-1 is still given). Reconstruction rows "
+        f"run {ITERS['r20']} iterations per unit on r20 and {ITERS['effl0']} on effl0 (batch "
+        "32; the papers use 10k-20k on a GPU); '—': not run, to ration the 2-core CPU."
     )
     for key, m in models.items():
         fp = m["fp"]["top1"]
@@ -174,7 +215,30 @@ def markdown(payload: dict[str, Any]) -> str:
                 detail,
             )
         )
+    out += _sweep_markdown(payload.get("sweeps", {}))
     return "\n".join(out)
+
+
+def _sweep_markdown(sweeps: dict[str, Any]) -> list[str]:
+    out = []
+    for key, sw in sweeps.items():
+        out += [
+            "",
+            f"## Iterations vs accuracy: {sw['method']} on {key} {sw['bits'].upper()}",
+            "",
+            f"FP32 {sw['fp']:.2f}. Iterations are per unit; time is the calibration's own "
+            "seconds on this CPU (1-minute load average beside it).",
+            "",
+        ]
+        rows = []
+        for c in sw["cells"]:
+            t1 = c["ort"]["top1"] if "ort" in c else None
+            la = c.get("calibrate_loadavg") or [[None]]
+            rows.append(
+                [c["settings"]["iters"], t1, drop(t1, sw["fp"]), c["calibrate_s"], fmt(la[0][0], 1)]
+            )
+        out.append(md_table(["iterations", "ORT top-1", "drop", "calibration s", "load"], rows))
+    return out
 
 
 def _differ(c: dict[str, Any]) -> str:

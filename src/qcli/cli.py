@@ -6,6 +6,7 @@ usage errors). No traceback reaches the user unless QCLI_DEBUG=1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -189,7 +190,7 @@ def cli() -> None:
     One line, data-free, on the embedded EfficientNet-Lite0:
       qcli quantize --out effl0-w8
     Or stage by stage (each a file in, a file out):
-      qcli generate-data builtin:efficientnet_lite0 --method bns --num-images 64 --out calib/
+      qcli generate-data builtin:efficientnet_lite0 --num-images 64 --out calib/
       qcli calibrate builtin:efficientnet_lite0 --data calib/ --bits w8a8 --out m.qcli
       qcli export m.qcli --out m.onnx
       qcli eval m.onnx --data images/ --reference builtin:efficientnet_lite0
@@ -246,7 +247,7 @@ def _mb(v) -> str:
 @click.option(
     "--method",
     type=click.Choice(sorted(CALIBRATION_METHODS)),
-    help="Calibration method (default: the best available).",
+    help="Calibration method [mse at W8A8, else the best-ranked reconstruction (qdrop)].",
 )
 @click.option(
     "--eval-data",
@@ -267,13 +268,32 @@ def _mb(v) -> str:
     show_default=True,
     help="Generator iterations when no --data is given.",
 )
+@click.option(
+    "--gen-method",
+    type=click.Choice(sorted(DATA_METHODS)),
+    default="dgh",
+    show_default=True,
+    help="Data generator when no --data is given (see generate-data).",
+)
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @model_options
 @data_options(required=False)
 @common
 @run_stage("qcli quantize", _quantize_rows)
 def quantize(
-    model, bits, out, force, method, eval_data, num_images, gen_iters, no_latency, seed, ui, **kw
+    model,
+    bits,
+    out,
+    force,
+    method,
+    eval_data,
+    num_images,
+    gen_iters,
+    gen_method,
+    no_latency,
+    seed,
+    ui,
+    **kw,
 ):
     """The whole chain: [generate data] -> calibrate -> export -> eval against FP.
 
@@ -296,6 +316,7 @@ def quantize(
         data,
         ev,
         method,
+        gen_method=gen_method,
         gen_images=num_images,
         gen_iters=gen_iters,
         seed=seed,
@@ -310,71 +331,214 @@ def quantize(
 
 @cli.command("generate-data")
 @click.argument("model")
-@click.option("--method", type=click.Choice(sorted(DATA_METHODS)), default="bns", show_default=True)
-@click.option("--num-images", type=int, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option(
-    "--iters", type=int, default=200, show_default=True, help="Optimization steps per batch."
+    "--method",
+    type=click.Choice(sorted(DATA_METHODS)),
+    default="dgh",
+    show_default=True,
+    help="dgh: DGH (set-level BN statistics, augmentations, output stretching); "
+    "bns: per-batch BN matching (ZeroQ); noise: Gaussian noise.",
 )
+@click.option("--num-images", type=int, default=256, show_default=True, help="Images to make.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Images optimized together; memory grows with it, not with --num-images.",
+)
+@click.option("--iters", type=int, help="Optimization steps per batch (default: the method's).")
 @click.option("--lr", type=float, help="Learning rate of the image optimizer.")
+@click.option(
+    "--no-aggregate",
+    is_flag=True,
+    help="dgh ablation: match BN statistics per batch instead of over all images.",
+)
+@click.option(
+    "--no-augment",
+    is_flag=True,
+    help="dgh ablation: no random flip, crop and smoothing before each step.",
+)
+@click.option("--no-output-loss", is_flag=True, help="dgh ablation: no output-stretching loss.")
+@click.option(
+    "--output-loss",
+    "output_kind",
+    type=click.Choice(["minmax", "regularized"]),
+    help="dgh output loss: minmax (default, widen the logit range) or regularized.",
+)
+@click.option(
+    "--preview",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a PNG grid of the first 64 images (de-normalized).",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
 @common
 @run_stage(
     "qcli generate-data",
-    _kv(["out", "method", "images", "seconds", "images_per_second", "final_bn_loss"]),
+    _kv(
+        [
+            "out",
+            "method",
+            "images",
+            "seconds",
+            "images_per_second",
+            "final_bn_loss",
+            "final_output_loss",
+            "preview",
+        ]
+    ),
 )
-def generate_data(model, method, num_images, batch_size, iters, lr, out, force, seed, ui, **kw):
+def generate_data(
+    model,
+    method,
+    num_images,
+    batch_size,
+    iters,
+    lr,
+    no_aggregate,
+    no_augment,
+    no_output_loss,
+    output_kind,
+    preview,
+    out,
+    force,
+    seed,
+    ui,
+    **kw,
+):
     """Generate calibration images from the model alone (no data needed).
 
     \b
-    Example:
-      qcli generate-data builtin:resnet20_cifar10 --weights r20.th --method bns \\
-          --num-images 256 --out r20-calib/
+    Examples:
+      qcli generate-data builtin:resnet20_cifar10 --weights r20.th \\
+          --num-images 256 --out r20-calib/ --preview r20-calib.png
+      qcli generate-data builtin:resnet20_cifar10 --weights r20.th --no-aggregate \\
+          --num-images 256 --out r20-ablation/          # DGH without set-level statistics
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data r20-calib/ \\
+          --bits w8a8 --out r20-w8.qcli
     """
     from qcli.stages.generate_data import GenerateConfig, generate
 
+    flags = {
+        "--no-aggregate": ("aggregate", False) if no_aggregate else None,
+        "--no-augment": ("augment", False) if no_augment else None,
+        "--no-output-loss": ("output_loss", False) if no_output_loss else None,
+        "--output-loss": ("output_kind", output_kind) if output_kind else None,
+    }
+    given = {flag: kv for flag, kv in flags.items() if kv is not None}
+    if given and method != "dgh":
+        raise UsageError(f"{', '.join(given)} only apply to --method dgh")
+    options = dict(given.values())
     cfg = GenerateConfig(
         _model(model, kw), out, method, num_images, batch_size, iters, lr, seed, force
     )
-    return generate(cfg, ui)
+    return generate(dataclasses.replace(cfg, options=options, preview=preview), ui)
 
 
 # -- calibrate ------------------------------------------------------------------------------
+
+
+def _calibrate_rows(r: dict) -> list[tuple]:
+    if "units" in r and "out" not in r:  # --show-units
+        return [
+            ("model", r["model"]),
+            ("granularity", r["granularity"]),
+            ("units", len(r["units"])),
+        ]
+    keys = ["out", "model", "bits", "method", "layers", "activation_quantizers", "images"]
+    rows = _kv(keys)(r)
+    if r.get("tuning"):
+        rows.append(("BN/bias tuning", f"{r['tuning']['seconds']} s"))
+    return [*rows, ("seconds", r.get("seconds"))]
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--bits", type=BitsType(), default="w8a8", show_default=True, help="wXaY, e.g. w4a8.")
 @click.option(
-    "--method", type=click.Choice(sorted(CALIBRATION_METHODS)), default="mse", show_default=True
+    "--method",
+    type=click.Choice(sorted(CALIBRATION_METHODS)),
+    default="mse",
+    show_default=True,
+    help="Range setting (minmax, percentile, mse) or reconstruction "
+    "(adaround, adaquant, brecq, qdrop).",
+)
+@click.option(
+    "--granularity",
+    type=click.Choice(["layer", "block", "stage"]),
+    help="Reconstruction unit [adaround, adaquant: layer; brecq, qdrop: block].",
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    help="Reconstruction iterations per unit [500; the papers use 10000-20000].",
+)
+@click.option(
+    "--drop-prob",
+    type=click.FloatRange(0, 1),
+    help="QDrop: chance an activation stays float during reconstruction [qdrop: 0.5].",
+)
+@click.option("--fisher", is_flag=True, help="BRECQ/QDrop: Fisher-weighted output loss.")
+@click.option("--bn-tune", is_flag=True, help="Re-estimate per-channel statistics and refold.")
+@click.option("--bias-tune", is_flag=True, help="Correct the per-channel output shift.")
+@click.option(
+    "--show-units", is_flag=True, help="Print the reconstruction units and exit (no --data)."
 )
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
-@click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Quantized-model folder (.qcli)."
-)
+@click.option("--out", type=click.Path(path_type=Path), help="Quantized-model folder (.qcli).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
-@data_options(required=True)
+@data_options(required=False)
 @common
-@run_stage(
-    "qcli calibrate",
-    _kv(["out", "model", "bits", "method", "layers", "activation_quantizers", "images", "seconds"]),
-)
-def calibrate(model, bits, method, keep_fp, out, force, seed, ui, **kw):
+@run_stage("qcli calibrate", _calibrate_rows)
+def calibrate(
+    model,
+    bits,
+    method,
+    granularity,
+    iters,
+    drop_prob,
+    fisher,
+    bn_tune,
+    bias_tune,
+    show_units,
+    keep_fp,
+    out,
+    force,
+    seed,
+    ui,
+    **kw,
+):
     """Quantize MODEL using calibration images; writes a .qcli folder.
 
     \b
-    Example:
+    Examples:
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --limit 1024 --bits w4a8 --method mse --out r20-w4a8.qcli
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --limit 1024 --bits w4a4 --method qdrop --iters 1000 --bn-tune --out r20-w4a4.qcli
+      qcli calibrate builtin:efficientnet_lite0 --method brecq --show-units
     """
-    from qcli.stages.calibrate import CalibrateConfig
+    from qcli.stages.calibrate import CalibrateConfig, show_units_of
     from qcli.stages.calibrate import calibrate as run
 
     keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
-    cfg = CalibrateConfig(_model(model, kw), _data(kw), out, bits, method, keep, seed, force)
+    settings = {"granularity": granularity, "iters": iters, "drop_prob": drop_prob}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if fisher:
+        settings["fisher"] = True
+    data = _data(kw)
+    cfg = CalibrateConfig(
+        _model(model, kw), data, out, bits, method, keep, seed, force, settings, bn_tune, bias_tune
+    )
+    if show_units:
+        return show_units_of(cfg, granularity, ui)
+    if data is None:
+        raise UsageError("calibrate needs --data (calibration images)")
+    if out is None:
+        raise UsageError("calibrate needs --out (the .qcli folder to write)")
     return run(cfg, ui)
 
 

@@ -4,7 +4,7 @@
 mean and std it stored during training; each batch is matched on its own statistics (the
 ZeroQ baseline), so memory is bounded by one batch. DGH (aggregated statistics, augmentations,
 an output loss) is built from the same pieces: `BNInputMoments`, `bn_stat_loss`,
-`init_images` and `clamp_to_pixels_`.
+`init_images` and `clamp_to_pixels_` (see `dgh.py`).
 
 Images live in the model's normalized input space, as the model consumes them.
 """
@@ -111,6 +111,17 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [
         m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
     ]
+
+
+def require_bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """`bn_layers`, refusing a model with none: its statistics are what the generators match."""
+    layers = bn_layers(model)
+    if not layers:
+        raise QcliError(
+            "model has no BatchNorm layers, so BN-statistics data generation cannot work; "
+            "use --method noise or pass real images with --data"
+        )
+    return layers
 
 
 def channel_moments(x: Tensor) -> Moments:
@@ -246,18 +257,13 @@ def generate_bns(
     ceil(N / B) * iters.
     """
     validate_settings(settings)
-    layers = bn_layers(model)
-    if not layers:
-        raise QcliError(
-            "model has no BatchNorm layers, so BN-statistics data generation cannot work; "
-            "use --method noise or pass real images with --data"
-        )
+    layers = require_bn_layers(model)
     device = model_device(model)
     targets = bn_targets(layers, device)
     bounds = pixel_bounds(input_spec, device)
     generator = torch.Generator().manual_seed(settings.seed)
     sizes = batch_sizes(settings.num_images, settings.batch_size)
-    counter = _StepCounter(progress)
+    counter = StepCounter(progress)
     images, first, last = [], [], []
     start = time.perf_counter()
     with (
@@ -285,7 +291,9 @@ def generate_bns(
     return out, metrics
 
 
-class _StepCounter:
+class StepCounter:
+    """Counts optimization steps and reports the running total to `progress`."""
+
     def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
         self.done = 0
@@ -303,7 +311,7 @@ def _optimize_batch(
     targets: Sequence[Moments],
     bounds: tuple[Tensor, Tensor],
     settings: BnsSettings,
-    counter: _StepCounter,
+    counter: StepCounter,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Adam on one batch; returns the images and the (first, last) step's loss, on device."""
     x = clamp_to_pixels_(x, bounds).requires_grad_()

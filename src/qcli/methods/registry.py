@@ -19,26 +19,29 @@ class CalibrationMethod:
     run: Callable  # (qgraph, calibration batches, settings) -> metrics dict
     summary: str
     rank: int  # higher is better; `quantize` picks the best available
+    # (qgraph, number of images, settings) -> progress steps; None: one step per image
+    total: Callable | None = None
 
 
 @dataclass(frozen=True)
 class DataMethod:
     name: str
-    run: Callable  # (model, input shape, settings) -> (images tensor, metrics dict)
+    run: Callable  # (model, input spec, settings, progress) -> (images tensor, metrics dict)
     summary: str
+    settings: type | None = None  # its settings dataclass; None: the shared BnsSettings
 
 
-def register_calibration(name: str, summary: str, rank: int = 0):
+def register_calibration(name: str, summary: str, rank: int = 0, total: Callable | None = None):
     def wrap(fn: Callable) -> Callable:
-        CALIBRATION_METHODS[name] = CalibrationMethod(name, fn, summary, rank)
+        CALIBRATION_METHODS[name] = CalibrationMethod(name, fn, summary, rank, total)
         return fn
 
     return wrap
 
 
-def register_data(name: str, summary: str):
+def register_data(name: str, summary: str, settings: type | None = None):
     def wrap(fn: Callable) -> Callable:
-        DATA_METHODS[name] = DataMethod(name, fn, summary)
+        DATA_METHODS[name] = DataMethod(name, fn, summary, settings)
         return fn
 
     return wrap
@@ -46,4 +49,4 @@ def register_data(name: str, summary: str):
 
 def load_all() -> None:
     """Import every method module so each registers itself."""
-    from qcli.methods import bns, range_setting  # noqa: F401
+    from qcli.methods import bns, dgh, range_setting, reconstruction  # noqa: F401

@@ -10,9 +10,11 @@ tree then names blocks and stages and says which adjacent cut segments belong to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from torch import fx
 
+from qcli.quant import ops
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
 
@@ -144,3 +146,89 @@ def _common_prefix(paths: tuple[str, ...]) -> str:
     if len(paths) == 1:
         return paths[0]
     return ".".join(common) or f"{paths[0]}..{paths[-1]}"
+
+
+def layer_units(qg: QuantGraph, segment: Unit) -> list[Unit]:
+    """Each conv/linear of a segment, with the activation and quantizer it alone feeds.
+
+    Inside a residual block these units are not single-tensor cuts (the skip stays live), so
+    their inputs come from running the segment's prefix; see `prefix_unit`.
+    """
+    mods = dict(qg.module.named_modules())
+    nodes = {n.name: n for n in qg.module.graph.nodes}
+    inside = set(segment.nodes)
+    units = []
+    for name in segment.nodes:
+        n = nodes[name]
+        if not _is_layer(n, mods):
+            continue
+        run = [n]
+        while len(run[-1].users) == 1:
+            (user,) = run[-1].users
+            if user.name not in inside or not _is_tail(user, mods):
+                break
+            run.append(user)
+        units.append(
+            Unit(
+                str(n.target),
+                tuple(r.name for r in run),
+                (str(n.target),),
+                n.args[0].name,
+                run[-1].name,
+            )
+        )
+    return units
+
+
+def _is_tail(n: fx.Node, mods: dict) -> bool:
+    op = ops.classify(n, mods)
+    return op is not None and op.kind in (ops.FUSABLE, ops.QUANT, ops.PASSTHROUGH)
+
+
+def prefix_unit(qg: QuantGraph, segment: Unit, node: str) -> Unit | None:
+    """The part of a segment that computes `node` from the segment's input (None: the input)."""
+    if node == segment.input:
+        return None
+    nodes = {n.name: n for n in qg.module.graph.nodes}
+    inside = set(segment.nodes)
+    needed, stack = set(), [nodes[node]]
+    while stack:
+        n = stack.pop()
+        if n.name in inside and n.name not in needed:
+            needed.add(n.name)
+            stack.extend(n.all_input_nodes)
+    order = tuple(name for name in segment.nodes if name in needed)
+    return Unit(f"{segment.name}:{node}", order, (), segment.input, node)
+
+
+def unit_module(qg: QuantGraph, unit: Unit) -> fx.GraphModule:
+    """The unit as a runnable module of its own: input tensor in, output tensor out.
+
+    It shares parameters and quantizers with `qg`, so optimizing it optimizes the model.
+    """
+    gm = qg.module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    if unit.input:
+        env[nodes[unit.input]] = graph.placeholder("x")
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:  # constants (get_attr) the unit reads from outside
+            if a.op != "get_attr":
+                raise ValueError(f"unit {unit.name} reads {a.name}, which is not its input")
+            env[a] = graph.node_copy(a)
+        return env[a]
+
+    for name in unit.nodes:
+        n = nodes[name]
+        env[n] = graph.node_copy(n, arg)
+    graph.output(env[nodes[unit.output]])
+    return fx.GraphModule(gm, graph)
+
+
+def check_chain(units: list[Unit]) -> None:
+    """Units must feed each other in order, so one cached tensor carries the whole state."""
+    for prev, nxt in pairwise(units):
+        if nxt.input != prev.output:
+            raise ValueError(f"unit {nxt.name} does not read the output of unit {prev.name}")

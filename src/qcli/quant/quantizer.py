@@ -23,6 +23,8 @@ class Quantizer(nn.Module):
     - `enabled` False: passes x through (used to measure FP behaviour inside a quantized graph);
     - otherwise: `fake_quantize` with the stored scale and zero point.
     `scale` is an nn.Parameter (frozen by default) so LSQ-style methods can learn it.
+    `drop_prob` > 0 (QDrop, during reconstruction only) keeps each element in float with that
+    probability, so the unit learns to be robust to its neighbours' quantization noise.
     """
 
     def __init__(self, spec: QuantSpec, channels: int | None = None) -> None:
@@ -37,6 +39,7 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.observer = None
         self.rounding: nn.Module | None = None
+        self.drop_prob = 0.0
 
     @property
     def axis(self) -> int | None:
@@ -54,7 +57,10 @@ class Quantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        return P.dequantize(self._grid(x), self.scale, self.zero_point, self.axis)
+        y = P.dequantize(self._grid(x), self.scale, self.zero_point, self.axis)
+        if self.drop_prob > 0:
+            y = torch.where(torch.rand_like(x) < self.drop_prob, x, y)
+        return y
 
     def _grid(self, x: Tensor) -> Tensor:
         """Integer grid values (as float): round half to even, or the learned rounding."""

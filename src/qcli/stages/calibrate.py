@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from qcli.artifacts import prepare_output
+from qcli.methods.chain import float_twin
 from qcli.methods.registry import CALIBRATION_METHODS, load_all
 from qcli.quant.capture import QuantGraph, capture
 from qcli.quant.spec import BitConfig
@@ -35,7 +36,9 @@ class CalibrateConfig:
     keep_fp: tuple[str, ...] = ()
     seed: int = 0
     force: bool = False
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # method settings (--iters, ...)
+    bn_tune: bool = False
+    bias_tune: bool = False
 
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
@@ -46,11 +49,21 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
     qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.bits, cfg.keep_fp)
     qg.to(device())
-    metrics = run_method(qg, cfg.method, ds, cfg.data.batch_size, cfg.settings, ui)
+    settings = {"seed": cfg.seed, **cfg.settings}
+    reference = float_twin(qg) if cfg.bn_tune or cfg.bias_tune else None
+    metrics = run_method(qg, cfg.method, ds, cfg.data.batch_size, settings, ui)
+    if reference is not None:
+        metrics["tuning"] = run_tuning(qg, reference, ds, cfg, ui)
+    _unit_table(metrics, ui)
     skipped = report_skipped(ds, ui)
     qg.to("cpu")
     extra = {
-        "method": {"name": cfg.method, "settings": cfg.settings},
+        "method": {
+            "name": cfg.method,
+            "settings": settings,
+            "bn_tune": cfg.bn_tune,
+            "bias_tune": cfg.bias_tune,
+        },
         "calibration": {
             "data": str(cfg.data.path),
             "images": metrics.get("images"),
@@ -77,8 +90,56 @@ def run_method(
 ) -> dict[str, Any]:
     """Run one registered calibration method on the data set, with a progress bar."""
     m = CALIBRATION_METHODS[method]
+    total = m.total(qg, len(ds), settings) if m.total else len(ds)
     start = time.perf_counter()
-    with ui.task(f"calibrate ({method})", total=len(ds)) as advance:
+    with ui.task(f"calibrate ({method})", total=total) as advance:
         metrics = m.run(qg, image_batches(ds, batch_size), settings, advance)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return metrics
+
+
+def run_tuning(
+    qg: QuantGraph, reference: QuantGraph, ds, cfg: CalibrateConfig, ui: UI
+) -> dict[str, Any]:
+    """BN tuning, then bias tuning, on the calibration images; biases then refit int32."""
+    from qcli.methods.range_setting import fit_bias_grids
+    from qcli.methods.tuning import tune_statistics
+
+    images = torch.cat(list(image_batches(ds, cfg.data.batch_size)))
+    done: dict[str, Any] = {}
+    start = time.perf_counter()
+    for flag, match_std in (("bn_tune", True), ("bias_tune", False)):
+        if getattr(cfg, flag):
+            with ui.task(flag.replace("_", " "), total=None) as advance:
+                done[f"{flag}_layers"] = tune_statistics(
+                    qg, reference, images, match_std, cfg.data.batch_size, advance
+                )
+    fit_bias_grids(qg)
+    done["seconds"] = round(time.perf_counter() - start, 2)
+    return done
+
+
+def show_units_of(cfg: CalibrateConfig, granularity: str | None, ui: UI) -> dict[str, Any]:
+    """The units a reconstruction method would tune, without tuning anything."""
+    from qcli.methods.reconstruction import PRESETS, describe_units
+
+    loaded = cfg.model.load()
+    qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.bits, cfg.keep_fp)
+    g = granularity or PRESETS.get(cfg.method, {}).get("granularity", "block")
+    units = describe_units(qg, g)
+    rows = [
+        (i, u["unit"], u["layers"], "x".join(map(str, u["output"] or [])))
+        for i, u in enumerate(units)
+    ]
+    ui.table(f"{g} units of {loaded.name}", ["#", "unit", "layers", "output"], rows)
+    return {"model": loaded.name, "granularity": g, "units": units}
+
+
+def _unit_table(metrics: dict[str, Any], ui: UI) -> None:
+    units = metrics.get("reconstruction", {}).get("units", [])
+    if units:
+        rows = [
+            (u["name"], u["layers"], u["loss_before"], u["loss_after"], round(u["seconds"], 1))
+            for u in units
+        ]
+        ui.table("reconstruction loss per unit", ["unit", "layers", "before", "after", "s"], rows)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,62 +12,83 @@ import torch
 
 from qcli import __version__
 from qcli.artifacts import prepare_output, write_dataset
+from qcli.artifacts.preview import write_preview
+from qcli.errors import UsageError
 from qcli.methods.registry import DATA_METHODS, load_all
 from qcli.stages.common import ModelOptions, device
 from qcli.ui import UI
+
+DEFAULT_METHOD = "dgh"
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     model: ModelOptions
     out: Path
-    method: str = "bns"
+    method: str = DEFAULT_METHOD
     num_images: int = 256
     batch_size: int = 32
-    iters: int = 200
-    lr: float | None = None
+    iters: int | None = None  # None: the method's own default
+    lr: float | None = None  # None: the method's own default
     seed: int = 0
     force: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    preview: Path | None = None
+
+
+def method_settings(cfg: GenerateConfig) -> Any:
+    """The method's settings dataclass filled from the config; unknown options are refused."""
+    from qcli.methods.bns import BnsSettings, validate_settings
+
+    load_all()
+    if cfg.method not in DATA_METHODS:
+        raise UsageError(f"unknown --method {cfg.method!r}; choose from {sorted(DATA_METHODS)}")
+    cls = DATA_METHODS[cfg.method].settings or BnsSettings
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg.options) - names)
+    if unknown:
+        raise UsageError(f"--method {cfg.method} takes no setting {', '.join(unknown)}")
+    given = {"iters": cfg.iters, "lr": cfg.lr}
+    settings = cls(
+        num_images=cfg.num_images,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        **{k: v for k, v in given.items() if v is not None},
+        **cfg.options,
+    )
+    validate_settings(settings, iters=cfg.method != "noise")
+    return settings
 
 
 def generate(cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
-    load_all()
-    from qcli.methods.bns import BnsSettings
+    from qcli.methods.bns import total_steps
 
+    settings = method_settings(cfg)  # bad flags fail before any file or model is touched
     prepare_output(cfg.out, cfg.force)
+    if cfg.preview is not None:
+        prepare_output(cfg.preview, cfg.force)
     loaded = cfg.model.load()
-    settings = BnsSettings(
-        num_images=cfg.num_images,
-        batch_size=cfg.batch_size,
-        iters=cfg.iters,
-        seed=cfg.seed,
-        **({"lr": cfg.lr} if cfg.lr is not None else {}),
-    )
     method = DATA_METHODS[cfg.method]
-    steps = math.ceil(cfg.num_images / max(cfg.batch_size, 1)) * cfg.iters
     module = loaded.module.to(device())
+    steps = None if cfg.method == "noise" else total_steps(settings)
     start = time.perf_counter()
-    with ui.task(f"generate ({cfg.method})", total=steps if cfg.method != "noise" else None) as adv:
+    with ui.task(f"generate ({cfg.method})", total=steps) as adv:
         images, metrics = method.run(module, loaded.input_spec, settings, _to_delta(adv))
     module.to("cpu")
     seconds = round(time.perf_counter() - start, 2)
     manifest = {
         "qcli_version": __version__,
         "method": cfg.method,
-        "settings": {
-            "num_images": cfg.num_images,
-            "batch_size": cfg.batch_size,
-            "iters": cfg.iters,
-            "lr": settings.lr,
-        },
+        "settings": dataclasses.asdict(settings),
         "seed": cfg.seed,
         "model": loaded.source.to_dict(),
         "model_checksum": loaded.checksum,
         "input_spec": loaded.input_spec.to_dict(),
         "metrics": {**metrics, "seconds": seconds},
     }
-    write_dataset(cfg.out, images.to(torch.float32).cpu(), None, manifest, cfg.force)
-    return {
+    images = images.to(torch.float32).cpu()
+    write_dataset(cfg.out, images, None, manifest, cfg.force)
+    result = {
         "out": str(cfg.out),
         "method": cfg.method,
         "images": int(images.shape[0]),
@@ -75,6 +96,10 @@ def generate(cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
         "images_per_second": round(images.shape[0] / max(seconds, 1e-9), 2),
         **{k: v for k, v in metrics.items() if k != "seconds"},
     }
+    if cfg.preview is not None:
+        spec = loaded.input_spec
+        result["preview"] = str(write_preview(cfg.preview, images, spec.mean, spec.std))
+    return result
 
 
 def _to_delta(advance):

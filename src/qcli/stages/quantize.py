@@ -32,7 +32,7 @@ class QuantizeConfig:
     data: DataOptions | None = None
     eval_data: DataOptions | None = None
     method: str | None = None  # None: the best registered calibration method
-    gen_method: str = "bns"
+    gen_method: str = "dgh"
     gen_images: int = 32
     gen_iters: int = 50
     gen_batch_size: int = 32
@@ -41,14 +41,18 @@ class QuantizeConfig:
     latency: bool = True
 
 
-def best_method() -> str:
+def best_method(bits: BitConfig) -> str:
+    """Range setting (MSE) is within a point of float at 8 bits and takes seconds; below 8 bits
+    the best-ranked method (reconstruction) is worth its minutes (benchmarks/ptq.md)."""
     load_all()
+    if bits.weight >= 8 and bits.activation >= 8:
+        return "mse"
     return max(CALIBRATION_METHODS.values(), key=lambda m: m.rank).name
 
 
 def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
     prepare_output(cfg.out, cfg.force)
-    method = cfg.method or best_method()
+    method = cfg.method or best_method(cfg.bits)
     summary: dict[str, Any] = {
         "model": cfg.model.spec,
         "bits": str(cfg.bits),

@@ -1,0 +1,500 @@
+"""DGH: data generation for hardware-friendly PTQ (Dikstein et al., WACV'25; ALGORITHMS.md §1).
+
+Three parts over `bns`, each with a switch so the ablation can remove it alone:
+- `aggregate`: the BN loss compares the stored statistics with those of *all* N images. Only
+  the batch being optimized is differentiable; the other batches enter through cached
+  per-channel raw moments, refreshed without gradient after each of their steps. Memory for
+  activations is bounded by the batch size, whatever N.
+- `augment`: images carry extra border pixels and each step sees a random flip, a 3x3
+  Gaussian smoothing (an image prior) and a random crop, as BN saw augmented training images.
+- `output_loss`: stretch each image's logit range so the layers after the last BN see the
+  spread real images give them.
+
+Images live in the model's normalized input space.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qcli.errors import UsageError
+from qcli.methods.bns import (
+    EPS,
+    BNInputMoments,
+    BnsSettings,
+    InputSpecLike,
+    Moments,
+    Progress,
+    StepCounter,
+    batch_sizes,
+    bn_stat_loss,
+    bn_targets,
+    channels_last_on_cpu,
+    clamp_to_pixels_,
+    frozen_eval,
+    init_images,
+    model_device,
+    pixel_bounds,
+    require_bn_layers,
+    validate_settings,
+)
+from qcli.methods.registry import register_data
+
+OUTPUT_LOSSES = ("minmax", "regularized")
+
+
+@dataclass(frozen=True)
+class DghSettings(BnsSettings):
+    """BnsSettings plus DGH's parts; defaults from MCT unless a comment says measured."""
+
+    iters: int = 200
+    # RAdam damps its early steps (rectification: ~0.05 x lr at step 10, ~0.3 x at step 200),
+    # which is why MCT's lr is 16 and why bns's Adam lr 0.2 crawls here. Measured on the
+    # trained CIFAR ResNet-20 (64 images, batch 32, 200 iters, set-level BN loss at the end,
+    # lr:patience): 0.2 was still at 0.29 after 40 iters (16: 0.045), 4:20 0.032, 16:4 0.107, 16:10 0.037,
+    # 16:20 0.012, 16:40 0.0042, 16:inf 0.068, 32:40 0.0033, 64:20 0.0047, 64:40 0.0028,
+    # 64:70 0.0065, 128:40 0.0033. The loss a step sees is noisy (random crop and flip), so
+    # MCT's patience of iters/50 halves the lr long before the images have converged.
+    lr: float = 64.0
+    aggregate: bool = True
+    augment: bool = True
+    output_loss: bool = True
+    output_kind: str = "minmax"  # MCT's NEGATIVE_MIN_MAX_DIFF, or "regularized"
+    output_weight: float = 1e-5
+    # None: H // 7, i.e. 32 at 224 (MCT) and 4 at 32 (CIFAR's own pad-4 random crop)
+    extra_pixels: int | None = None
+    smooth_sigma: float = 1.25
+    lr_factor: float = 0.5
+    patience: int | None = None  # None: max(1, iters // 5), measured (see lr)
+    min_lr: float = 1e-4
+    # True: after each step, re-measure the batch's cached moments on its final view (one
+    # extra forward, as MCT: ~40% of a step on ResNet-20). False: cache the moments the step
+    # itself measured (augmented view, before the update), no extra pass. Same ResNet-20 runs
+    # as for lr (64 images, 200 iters): set-level BN loss 0.0028 exact vs 0.0070 stale, so
+    # the pass earns its time.
+    exact_refresh: bool = True
+
+
+# ---------------------------------------------------------------- image pipeline
+
+
+def gaussian_kernel(channels: int, sigma: float) -> Tensor:
+    """Depthwise 3x3 Gaussian kernel [C, 1, 3, 3] whose weights sum to 1."""
+    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]).square() / (2 * sigma**2))
+    k2 = torch.outer(g, g)
+    return (k2 / k2.sum()).expand(channels, 1, 3, 3).contiguous()
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Train view (flip, smooth, random crop, clamp) and finalize view (smooth, centre crop,
+    clamp) of images stored with `extra` border pixels; identity + clamp when `kernel` is None.
+
+    Smoothing a normalized kernel with zero padding stays inside the pixel range (0 is the
+    mean colour), so the clamp only guards; it runs in place with no autograd node.
+    """
+
+    size: tuple[int, int]
+    extra: int
+    kernel: Tensor | None
+    bounds: tuple[Tensor, Tensor]
+
+    def train(self, x: Tensor, rng: random.Random) -> Tensor:
+        if self.kernel is None:
+            return x
+        if rng.random() < 0.5:
+            x = x.flip(3)
+        top, left = rng.randint(0, self.extra), rng.randint(0, self.extra)
+        return clamp_to_pixels_(self._crop(self._smooth(x), top, left), self.bounds)
+
+    def final(self, x: Tensor) -> Tensor:
+        if self.kernel is None:
+            return x
+        half = self.extra // 2
+        return clamp_to_pixels_(self._crop(self._smooth(x), half, half), self.bounds)
+
+    def _smooth(self, x: Tensor) -> Tensor:
+        assert self.kernel is not None
+        return F.conv2d(x, self.kernel, padding=1, groups=x.shape[1])
+
+    def _crop(self, x: Tensor, top: int, left: int) -> Tensor:
+        h, w = self.size
+        return x[:, :, top : top + h, left : left + w]
+
+
+def make_pipeline(
+    settings: DghSettings, input_spec: InputSpecLike, device: torch.device
+) -> Pipeline:
+    bounds = pixel_bounds(input_spec, device)
+    if not settings.augment:
+        return Pipeline(input_spec.size, 0, None, bounds)
+    extra = settings.extra_pixels
+    if extra is None:
+        extra = min(input_spec.size) // 7
+    kernel = gaussian_kernel(len(input_spec.mean), settings.smooth_sigma).to(device)
+    return Pipeline(input_spec.size, extra, kernel, bounds)
+
+
+# ---------------------------------------------------------------- aggregated statistics
+
+
+class SetMoments:
+    """Cached per-channel raw moments of every batch, combined into statistics of the set.
+
+    Batch b contributes with weight n_b / N (its share of the elements), so a short last
+    batch counts for what it holds. The std comes from the aggregated second moment, never
+    from averaging per-batch stds.
+    """
+
+    def __init__(self, sizes: Sequence[int], layers: int, device: torch.device) -> None:
+        self.weights = torch.tensor(sizes, dtype=torch.float32, device=device) / sum(sizes)
+        self.mean: list[Tensor | None] = [None] * layers  # [num_batches, C] per layer
+        self.mean_sq: list[Tensor | None] = [None] * layers
+
+    @torch.no_grad()
+    def store(self, b: int, moments: Sequence[Moments | None]) -> None:
+        for i, m in enumerate(moments):
+            if m is None:
+                continue
+            if self.mean[i] is None:
+                shape = (len(self.weights), m[0].numel())
+                self.mean[i] = m[0].new_zeros(shape)
+                self.mean_sq[i] = m[0].new_zeros(shape)
+            self.mean[i][b] = m[0]
+            self.mean_sq[i][b] = m[1]
+
+    def combine(self, b: int, moments: Sequence[Moments | None]) -> list[Moments | None]:
+        """The set's moments with batch b's cached ones replaced by `moments` (with grad)."""
+        return [
+            None if m is None or self.mean[i] is None else self._swap(b, i, m)
+            for i, m in enumerate(moments)
+        ]
+
+    def total(self) -> list[Moments | None]:
+        """The set's moments from the cache alone."""
+        return [
+            None if mean is None else (self.weights @ mean, self.weights @ sq)
+            for mean, sq in zip(self.mean, self.mean_sq, strict=True)
+        ]
+
+    def _swap(self, b: int, i: int, m: Moments) -> Moments:
+        w = self.weights[b]
+        mean, sq = self.mean[i], self.mean_sq[i]
+        assert mean is not None and sq is not None
+        return (
+            self.weights @ mean - w * mean[b] + w * m[0],
+            self.weights @ sq - w * sq[b] + w * m[1],
+        )
+
+
+@torch.no_grad()
+def set_moments(
+    model: nn.Module, hooks: BNInputMoments, views: Iterable[Tensor], sizes: Sequence[int]
+) -> SetMoments:
+    """Forward each batch (no grad) and cache its moments: the set's statistics, exactly."""
+    cache = SetMoments(sizes, len(hooks.moments), model_device(model))
+    for b, x in enumerate(views):
+        hooks.clear()
+        model(x)
+        cache.store(b, hooks.moments)
+    hooks.clear()
+    return cache
+
+
+def set_bn_loss(model: nn.Module, images: Tensor, batch_size: int) -> float:
+    """BN loss of the statistics of a whole image set, computed batch by batch.
+
+    The yardstick every generator is scored with: the loss BN layers would report had
+    these images been the training set.
+    """
+    layers = require_bn_layers(model)
+    device = model_device(model)
+    batches = images.split(batch_size)
+    with frozen_eval(model), BNInputMoments(layers) as hooks:
+        views = (x.to(device) for x in batches)
+        cache = set_moments(model, hooks, views, [len(x) for x in batches])
+    return float(bn_stat_loss(cache.total(), bn_targets(layers, device)))
+
+
+# ---------------------------------------------------------------- output loss
+
+
+def stretch_loss(z: Tensor) -> Tensor:
+    """-mean_i(max_j z_ij - min_j z_ij): widen each image's output range (MCT's default)."""
+    z = z.flatten(1)
+    return -(z.amax(1) - z.amin(1)).mean()
+
+
+def regularized_stretch_loss(z: Tensor, features: Tensor, weight: Tensor) -> Tensor:
+    """1/range, plus |z_min| and |z_max| pulled towards half of ||a|| ||w_k|| (MCT's
+    REGULARIZED_MIN_MAX_DIFF): a range bounded by what the last layer can produce."""
+    z = z.flatten(1)
+    a = features.flatten(2).mean(2) if features.dim() > 2 else features
+    half = 0.5 * a.norm(dim=1)
+    rows = weight.flatten(1).norm(dim=1)
+    zmax, imax = z.max(1)
+    zmin, imin = z.min(1)
+    loss = (
+        1 / (zmax - zmin + EPS)
+        + (zmin.abs() - half * rows[imin]).abs()
+        + (zmax.abs() - half * rows[imax]).abs()
+    )
+    return loss.mean()
+
+
+class LastLayerInput:
+    """Forward pre-hook keeping the input of the model's last Linear/Conv2d (the regularized
+    output loss needs it and that layer's weight)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
+        self.weight: Tensor = last.weight
+        self.features: Tensor | None = None
+        self._handle = last.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.features = args[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+# ---------------------------------------------------------------- schedule
+
+
+class PlateauLR:
+    """ReduceLROnPlateau kept on the device: the lr is a tensor the optimizer reads, and the
+    comparison never leaves the device, so a GPU step needs no host sync.
+
+    Improvement is relative to |loss| because the loss turns negative with the output loss.
+    """
+
+    def __init__(self, lr: Tensor, settings: DghSettings) -> None:
+        self.lr = lr
+        self.best = torch.full_like(lr, math.inf)
+        self.bad = torch.zeros_like(lr)
+        self.factor = settings.lr_factor
+        self.min_lr = settings.min_lr
+        self.patience = settings.patience or max(1, settings.iters // 5)
+
+    @torch.no_grad()
+    def step(self, loss: Tensor) -> None:
+        better = self.best - loss > 1e-4 * loss.abs()  # inf - loss: the first is better
+        self.best = torch.where(better, loss, self.best)
+        self.bad = torch.where(better, 0, self.bad + 1)
+        cut = self.bad > self.patience
+        self.lr.copy_(torch.where(cut, (self.lr * self.factor).clamp_min(self.min_lr), self.lr))
+        self.bad = torch.where(cut, 0, self.bad)
+
+
+# ---------------------------------------------------------------- the generator
+
+
+@dataclass
+class Batch:
+    """One batch of images being optimized, with its own optimizer and schedule (as MCT)."""
+
+    images: Tensor
+    optimizer: torch.optim.Optimizer
+    schedule: PlateauLR
+    bn_loss: Tensor | None = None
+    out_loss: Tensor | None = None
+
+
+def new_batch(x: Tensor, settings: DghSettings) -> Batch:
+    x = x.requires_grad_()
+    lr = torch.tensor(settings.lr, device=x.device)
+    cuda = x.device.type == "cuda"
+    optimizer = torch.optim.RAdam([x], lr=lr, capturable=cuda, foreach=cuda)
+    return Batch(x, optimizer, PlateauLR(lr, settings))
+
+
+@dataclass
+class Run:
+    """What one generation shares across steps: model, hooks, targets, pipeline, settings."""
+
+    model: nn.Module
+    hooks: BNInputMoments
+    targets: list[Moments]
+    pipeline: Pipeline
+    settings: DghSettings
+    rng: random.Random
+    head: LastLayerInput | None
+    cache: SetMoments | None
+
+    def output_loss(self, z: Tensor) -> Tensor:
+        if self.head is None:
+            return stretch_loss(z)
+        assert self.head.features is not None
+        return regularized_stretch_loss(z, self.head.features, self.head.weight)
+
+    def step(self, b: int, batch: Batch) -> None:
+        """One RAdam step on batch b, then refresh its cached moments from the final view."""
+        self.hooks.clear()
+        z = self.model(self.pipeline.train(batch.images, self.rng))
+        moments = raw = self.hooks.moments
+        if self.cache is not None:
+            moments = self.cache.combine(b, raw)
+        loss = bn_loss = bn_stat_loss(moments, self.targets)
+        out_loss = None
+        if self.settings.output_loss:
+            out_loss = self.output_loss(z)
+            loss = bn_loss + self.settings.output_weight * out_loss
+        batch.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        batch.optimizer.step()
+        clamp_to_pixels_(batch.images, self.pipeline.bounds)
+        batch.schedule.step(loss.detach())
+        batch.bn_loss = bn_loss.detach()
+        batch.out_loss = None if out_loss is None else out_loss.detach()
+        if self.cache is not None and self.settings.exact_refresh:
+            self.refresh(b, batch.images)
+        elif self.cache is not None:
+            self.cache.store(b, raw)
+
+    @torch.no_grad()
+    def refresh(self, b: int, images: Tensor) -> None:
+        assert self.cache is not None
+        self.hooks.clear()
+        self.model(self.pipeline.final(images))
+        self.cache.store(b, self.hooks.moments)
+        self.hooks.clear()
+
+
+def generate_dgh(
+    model: nn.Module,
+    input_spec: InputSpecLike,
+    settings: BnsSettings,
+    progress: Progress | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Synthesize N images with DGH; returns [N, C, H, W] float32 CPU images and metrics.
+
+    `progress(k)` is called after every optimization step, out of ceil(N / B) * iters.
+    Plain BnsSettings (a caller that knows only the shared fields) keep their size, steps
+    and seed and take DGH's defaults for the rest, lr included: the optimizers differ.
+    """
+    if not isinstance(settings, DghSettings):
+        shared = ("num_images", "batch_size", "iters", "seed")
+        settings = DghSettings(**{k: getattr(settings, k) for k in shared})
+    validate_dgh(settings)
+    layers = require_bn_layers(model)
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(settings.seed)
+    sizes = batch_sizes(settings.num_images, settings.batch_size)
+    pipeline = make_pipeline(settings, input_spec, device)
+    padded = replace_size(input_spec, pipeline.extra)
+    start = time.perf_counter()
+    with (
+        frozen_eval(model),
+        channels_last_on_cpu(model, device) as layout,
+        BNInputMoments(layers) as hooks,
+    ):
+        batches = [
+            new_batch(init_images(n, padded, generator).to(device, memory_format=layout), settings)
+            for n in sizes
+        ]
+        for batch in batches:
+            clamp_to_pixels_(batch.images, pipeline.bounds)
+        run = _make_run(model, hooks, layers, pipeline, settings, batches)
+        initial = _set_loss(run, _final_views(run, batches), sizes)
+        _optimize(run, batches, StepCounter(progress))
+        images = torch.empty((settings.num_images, len(input_spec.mean), *input_spec.size))
+        final = _set_loss(run, _final_views(run, batches, images), sizes)
+    metrics = {
+        "initial_bn_loss": initial,
+        "final_bn_loss": final,
+        "final_step_bn_loss": _mean_item([b.bn_loss for b in batches]),
+        "final_output_loss": _mean_item([b.out_loss for b in batches]),
+        "seconds": time.perf_counter() - start,
+        "bn_layers": len(layers),
+        "extra_pixels": pipeline.extra,
+    }
+    return images, metrics
+
+
+def validate_dgh(settings: DghSettings) -> None:
+    validate_settings(settings)
+    if settings.output_kind not in OUTPUT_LOSSES:
+        raise UsageError(
+            f"the output loss must be one of {', '.join(OUTPUT_LOSSES)}, "
+            f"got {settings.output_kind!r}"
+        )
+
+
+def replace_size(input_spec: InputSpecLike, extra: int) -> InputSpecLike:
+    """The input spec of images stored with `extra` more pixels in each dimension."""
+    h, w = input_spec.size
+    return replace(input_spec, size=(h + extra, w + extra))  # type: ignore[type-var]
+
+
+def _make_run(
+    model: nn.Module,
+    hooks: BNInputMoments,
+    layers: Sequence[nn.BatchNorm2d],
+    pipeline: Pipeline,
+    settings: DghSettings,
+    batches: Sequence[Batch],
+) -> Run:
+    device = batches[0].images.device
+    sizes = [len(b.images) for b in batches]
+    rng = random.Random(settings.seed)
+    head = None
+    if settings.output_loss and settings.output_kind == "regularized":
+        head = LastLayerInput(model)
+    run = Run(model, hooks, bn_targets(layers, device), pipeline, settings, rng, head, None)
+    if settings.aggregate:
+        run.cache = set_moments(model, hooks, _final_views(run, batches), sizes)
+    return run
+
+
+def _optimize(run: Run, batches: Sequence[Batch], counter: StepCounter) -> None:
+    """MCT's order: every iteration visits the batches in a fresh random order."""
+    try:
+        for _ in range(run.settings.iters):
+            order = list(range(len(batches)))
+            run.rng.shuffle(order)
+            for b in order:
+                run.step(b, batches[b])
+                counter.step()
+    finally:
+        if run.head is not None:
+            run.head.remove()
+        run.hooks.clear()
+
+
+@torch.no_grad()
+def _final_views(run: Run, batches: Sequence[Batch], out: Tensor | None = None) -> Iterator[Tensor]:
+    """Each batch's final view; with `out`, also copied there and the batch's optimizer state
+    dropped, so the end of a run adds only the output itself to memory."""
+    start = 0
+    for batch in batches:
+        view = run.pipeline.final(batch.images.detach())
+        if out is not None:
+            batch.optimizer.state.clear()
+            out[start : start + len(view)] = view
+        start += len(view)
+        yield view
+
+
+def _set_loss(run: Run, views: Iterable[Tensor], sizes: Sequence[int]) -> float:
+    cache = set_moments(run.model, run.hooks, views, sizes)
+    return float(bn_stat_loss(cache.total(), run.targets))
+
+
+def _mean_item(values: Sequence[Tensor | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(torch.stack(present).mean()) if present else None
+
+
+register_data("dgh", "DGH: set-level BN statistics, augmentations, output stretching", DghSettings)(
+    generate_dgh
+)

@@ -1,0 +1,378 @@
+"""Reconstruction PTQ: one engine behind AdaRound, AdaQuant, BRECQ and QDrop.
+
+Units (layers, blocks or stages) are tuned in order so that each quantized unit, fed the
+quantized model's activations, reproduces the float model's output of that unit on the
+calibration images ("asymmetric" reconstruction). The methods differ only in settings:
+
+| method   | unit  | what is learned                                            | QDrop |
+|----------|-------|------------------------------------------------------------|-------|
+| adaround | layer | up/down rounding of weights                                | -     |
+| adaquant | layer | weights, biases, weight and activation step sizes (STE)    | -     |
+| brecq    | block | rounding + activation step sizes, jointly                  | -     |
+| qdrop    | block | as brecq, with activation quantization randomly dropped    | 0.5   |
+
+BRECQ here is the joint variant (QDrop's harness with nothing dropped, as MRECG runs it), so
+QDrop with drop probability 0 is BRECQ exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qcli.errors import UsageError
+from qcli.methods.chain import Chain, run_batched, segments
+from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
+from qcli.methods.registry import register_calibration
+from qcli.quant.capture import QuantGraph
+from qcli.quant.modules import QConv2d, QLinear
+from qcli.quant.partition import GRANULARITIES, Unit, layer_units, unit_module
+from qcli.quant.quantizer import Quantizer
+from qcli.quant.rounding import AdaRound, attach_adaround, bake_rounding
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    granularity: str = "block"
+    iters: int = 500  # per unit; the papers use 10k-20k on a GPU (see benchmarks/ptq.md)
+    batch_size: int = 32
+    rounding: bool = True  # AdaRound's learned rounding (else round to nearest)
+    learn_weights: bool = False  # AdaQuant: continuous weights, biases, weight step sizes
+    learn_act_scales: bool = True
+    drop_prob: float = 0.0  # QDrop: chance an activation element stays float
+    fisher: bool = False  # BRECQ's Fisher-weighted output loss
+    reg_weight: float = 0.01  # AdaRound's λ
+    beta: tuple[float, float] = (20.0, 2.0)  # annealed exponent of the rounding regularizer
+    warmup: float = 0.2  # share of iterations before the regularizer starts
+    lr_rounding: float = 1e-2  # the papers use 1e-3 over 10-20k iterations; see ptq.md
+    # Step-size and weight learning rates are relative to each tensor's mean magnitude, so one
+    # value fits 8-bit and 2-bit grids alike (Adam moves a parameter by ~lr per step).
+    lr_act_scale: float = 1e-3
+    lr_weight_scale: float = 1e-3
+    lr_weight: float = 1e-3
+    lr_bias: float = 1e-3
+    range_method: str = "mse"
+    eval_images: int = 256  # images on which the per-unit loss before/after is measured
+    cache_dtype: str = "float16"
+    seed: int = 0
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "adaround": {"granularity": "layer", "learn_act_scales": False},
+    "adaquant": {"granularity": "layer", "rounding": False, "learn_weights": True},
+    "brecq": {"granularity": "block"},
+    "qdrop": {"granularity": "block", "drop_prob": 0.5},
+}
+
+
+def settings_for(method: str, overrides: dict[str, Any]) -> ReconSettings:
+    """A method's preset with the user's overrides (unknown keys are ignored: they belong to
+    other stages, e.g. BN tuning)."""
+    known = {f.name for f in fields(ReconSettings)}
+    given = {k: v for k, v in overrides.items() if k in known and v is not None}
+    s = replace(ReconSettings(), **{**PRESETS[method], **given})
+    validate(s)
+    return s
+
+
+def validate(s: ReconSettings) -> None:
+    if s.granularity not in GRANULARITIES:
+        raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}")
+    if s.iters < 1:
+        raise UsageError(f"--iters must be at least 1, got {s.iters}")
+    if not 0 <= s.drop_prob <= 1:
+        raise UsageError(f"--drop-prob must be within 0..1, got {s.drop_prob}")
+    if s.fisher and s.granularity == "layer":
+        raise UsageError("--fisher needs --granularity block or stage")
+
+
+# -------------------------------------------------------------------------------- losses
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Squared error summed over channels, averaged over images and positions (BRECQ's
+    normalization, which AdaRound's λ is tuned against); `weight` is the Fisher diagonal."""
+    err = (pred - target).pow(2)
+    if weight is not None:
+        err = err * weight.pow(2)
+    return err.sum(1).mean() if err.ndim > 1 else err.mean()
+
+
+def beta_at(step: int, s: ReconSettings) -> float | None:
+    """The regularizer's exponent at a step, or None during warm-up (no regularizer)."""
+    start = int(s.warmup * s.iters)
+    if step < start:
+        return None
+    t = (step - start) / max(s.iters - start, 1)
+    hi, lo = s.beta
+    return lo + (hi - lo) * (1 - t)
+
+
+# ------------------------------------------------------------------------- one unit
+
+
+@dataclass
+class UnitResult:
+    name: str
+    layers: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+    cache_mb: float  # cached activations held while this unit was tuned
+
+
+def _unit_parts(module: nn.Module) -> tuple[list[QConv2d | QLinear], list[Quantizer]]:
+    layers = [m for m in module.modules() if isinstance(m, QConv2d | QLinear)]
+    weight_qs = {id(m.weight_quantizer) for m in layers}
+    acts = [
+        m
+        for m in module.modules()
+        if isinstance(m, Quantizer) and id(m) not in weight_qs and m.enabled
+    ]
+    return layers, acts
+
+
+def _relative_group(params: list[Tensor], lr: float) -> dict[str, Any]:
+    scale = torch.stack([p.detach().abs().mean() for p in params]).mean().clamp(min=1e-8)
+    return {"params": params, "lr": lr * float(scale)}
+
+
+def _learnables(
+    layers: list[QConv2d | QLinear], acts: list[Quantizer], s: ReconSettings
+) -> tuple[list[dict[str, Any]], list[AdaRound]]:
+    """Parameter groups for the optimizer, and the rounding modules (for the regularizer)."""
+    groups: list[dict[str, Any]] = []
+    roundings = []
+    quantized = [m for m in layers if m.weight_quantizer is not None]
+    if s.rounding:
+        roundings = [attach_adaround(m.weight_quantizer, m.weight) for m in quantized]
+        if roundings:
+            groups.append({"params": [r.v for r in roundings], "lr": s.lr_rounding})
+    if s.learn_weights and quantized:
+        groups.append(_relative_group([m.weight for m in quantized], s.lr_weight))
+        groups.append(
+            _relative_group([m.weight_quantizer.scale for m in quantized], s.lr_weight_scale)
+        )
+        biases = [m.bias for m in quantized if m.bias is not None]
+        if biases:
+            groups.append({"params": biases, "lr": s.lr_bias})
+    if s.learn_act_scales and acts:
+        groups.append(_relative_group([q.scale for q in acts], s.lr_act_scale))
+    return groups, roundings
+
+
+def _eval_loss(module: nn.Module, x: Tensor, y: Tensor, w: Tensor | None, s, device) -> float:
+    n = min(s.eval_images, x.shape[0])
+    with torch.no_grad():
+        pred = run_batched(module, x[:n], s.batch_size, device, torch.float32)
+        wn = w[:n].float() if w is not None else None
+        return float(reconstruction_loss(pred, y[:n].float(), wn))
+
+
+def reconstruct_unit(
+    module: nn.Module,
+    xq: Tensor,
+    xf: Tensor | None,
+    y: Tensor,
+    s: ReconSettings,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+    fisher: Tensor | None = None,
+) -> tuple[float, float]:
+    """Tune one unit in place so module(xq) ≈ y; returns the loss before and after.
+
+    xq: the quantized model's inputs; xf: the float model's (QDrop mixes them), y: targets.
+    Ends with hard rounding baked into the weights and every parameter frozen again.
+    """
+    device = next(module.parameters()).device
+    layers, acts = _unit_parts(module)
+    before = _eval_loss(module, xq, y, fisher, s, device)
+    groups, roundings = _learnables(layers, acts, s)
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    for q in acts:
+        q.drop_prob = s.drop_prob
+    try:
+        if params:
+            _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress)
+        elif progress:
+            progress(s.iters)
+    finally:
+        for q in acts:
+            q.drop_prob = 0.0
+        for m in layers:
+            if m.weight_quantizer is not None:
+                bake_rounding(m.weight, m.weight_quantizer)
+        for p in params:
+            p.requires_grad_(False)
+        _keep_scales_positive(layers, acts)
+    return before, _eval_loss(module, xq, y, fisher, s, device)
+
+
+def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress) -> None:
+    device = next(module.parameters()).device
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.iters, eta_min=0.0)
+    layers, acts = _unit_parts(module)
+    n = xq.shape[0]
+    for step in range(s.iters):
+        idx = torch.randint(n, (min(s.batch_size, n),), generator=generator)
+        x = xq[idx].to(device, torch.float32)
+        if s.drop_prob > 0 and xf is not None:
+            keep_float = torch.rand(x.shape, generator=generator).to(device) < s.drop_prob
+            x = torch.where(keep_float, xf[idx].to(device, torch.float32), x)
+        w = fisher[idx].to(device, torch.float32) if fisher is not None else None
+        loss = reconstruction_loss(module(x), y[idx].to(device, torch.float32), w)
+        beta = beta_at(step, s)
+        if roundings and beta is not None:
+            loss = loss + s.reg_weight * sum(r.regularizer(beta) for r in roundings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        _keep_scales_positive(layers, acts)
+        if progress:
+            progress(1)
+
+
+@torch.no_grad()
+def _keep_scales_positive(layers, acts) -> None:
+    for m in layers:
+        if m.weight_quantizer is not None:
+            m.weight_quantizer.scale.clamp_(min=1e-8)
+    for q in acts:
+        q.scale.clamp_(min=1e-8)
+
+
+# ------------------------------------------------------------------------- the walk
+
+
+def units_to_tune(qg: QuantGraph, granularity: str) -> list[tuple[Unit, list[Unit]]]:
+    """(segment, units) pairs in order: layer units inside finest segments, else the segment."""
+    segs = segments(qg, granularity)
+    if granularity == "layer":
+        return [(seg, layer_units(qg, seg)) for seg in segs]
+    return [(seg, [seg] if seg.layers else []) for seg in segs]
+
+
+def reconstruct(
+    qg: QuantGraph, images: Tensor, s: ReconSettings, progress: Progress | None = None
+) -> list[UnitResult]:
+    """Tune every unit of a range-initialized graph, in order."""
+    generator = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)  # QDrop's in-unit dropping draws from the global generator
+    for p in qg.module.parameters():  # only what a unit learns may carry gradients
+        p.requires_grad_(False)
+    chain = Chain.start(qg, images, s.batch_size, getattr(torch, s.cache_dtype))
+    fp_logits = _logits(chain, images) if s.fisher else None
+    plan = units_to_tune(qg, s.granularity)
+    results = []
+    for i, (seg, units) in enumerate(plan):
+        for unit in units:
+            start = time.perf_counter()
+            xq = chain.inputs(seg, unit)
+            y = chain.targets(seg, unit)
+            xf = chain.inputs(seg, unit, quantized=False) if s.drop_prob > 0 else None
+            w = _fisher(chain, plan[i:], fp_logits) if fp_logits is not None else None
+            module = unit_module(qg, unit)
+            before, after = reconstruct_unit(module, xq, xf, y, s, generator, progress, w)
+            secs = time.perf_counter() - start
+            cached = (chain.q, chain.f, xq, xf, y, w)
+            held = sum({id(t): t.nbytes for t in cached if t is not None}.values())
+            results.append(
+                UnitResult(unit.name, len(unit.layers), before, after, secs, held / 2**20)
+            )
+        chain.advance(seg)
+    return results
+
+
+def _logits(chain: Chain, images: Tensor) -> Tensor:
+    return run_batched(chain.fp.module, images, chain.batch_size, chain.device, torch.float32)
+
+
+def _fisher(chain: Chain, rest: list[tuple[Unit, list[Unit]]], fp_logits: Tensor) -> Tensor:
+    """BRECQ's Fisher diagonal at the unit output: |∂KL(p_fp ‖ p_q)/∂z| + 1, through the
+    quantized rest of the network as it stands."""
+    head = unit_module(chain.qg, rest[0][0])
+    tail = [unit_module(chain.qg, seg) for seg, _ in rest[1:]]
+    grads = []
+    for i in range(0, chain.q.shape[0], chain.batch_size):
+        with torch.no_grad():
+            z = head(chain.q[i : i + chain.batch_size].to(chain.device, torch.float32))
+        z.requires_grad_(True)
+        out = z
+        for m in tail:
+            out = m(out)
+        target = F.softmax(fp_logits[i : i + chain.batch_size].to(chain.device), dim=1)
+        loss = F.kl_div(F.log_softmax(out, dim=1), target, reduction="batchmean")
+        (g,) = torch.autograd.grad(loss, z)
+        grads.append(g.abs().add(1.0).to("cpu", chain.dtype))
+    return torch.cat(grads)
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def total_steps(qg: QuantGraph, method: str, overrides: dict[str, Any]) -> int:
+    s = settings_for(method, overrides)
+    return s.iters * sum(len(units) for _, units in units_to_tune(qg, s.granularity))
+
+
+def _method(name: str):
+    def run(qg: QuantGraph, batches: Iterable[Tensor], settings=None, progress=None) -> dict:
+        s = settings_for(name, settings or {})
+        images = torch.cat(list(batches))
+        set_weight_ranges(qg, s.range_method)
+        set_activation_ranges(qg, images.split(s.batch_size), s.range_method)
+        results = reconstruct(qg, images, s, progress)
+        widened = fit_bias_grids(qg)
+        return {
+            "images": images.shape[0],
+            "reconstruction": {
+                "settings": _jsonable(asdict(s)),
+                "units": [asdict(r) for r in results],
+            },
+            "bias_grid_channels_widened": widened,
+        }
+
+    return run
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+for _name, _summary, _rank in (
+    ("adaround", "layer-wise learned up/down rounding (AdaRound)", 3),
+    ("adaquant", "layer-wise weights, biases and step sizes (AdaQuant, sequential)", 4),
+    ("brecq", "block reconstruction: rounding + activation step sizes (BRECQ)", 5),
+    ("qdrop", "BRECQ with activation quantization randomly dropped (QDrop)", 6),
+):
+    register_calibration(
+        _name, _summary, _rank, total=lambda qg, n, st, m=_name: total_steps(qg, m, st)
+    )(_method(_name))
+
+
+def describe_units(qg: QuantGraph, granularity: str) -> list[dict[str, Any]]:
+    """What `--show-units` prints: every unit to tune, in order."""
+    rows = []
+    for _, units in units_to_tune(qg, granularity):
+        for u in units:
+            shape = _output_shape(qg, u)
+            rows.append({"unit": u.name, "layers": len(u.layers), "output": shape})
+    return rows
+
+
+def _output_shape(qg: QuantGraph, unit: Unit) -> list[int] | None:
+    node = next(n for n in qg.module.graph.nodes if n.name == unit.output)
+    meta = node.meta.get("tensor_meta")
+    return list(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else None

@@ -1,0 +1,227 @@
+"""Reconstruction PTQ (AdaRound, AdaQuant, BRECQ, QDrop) and BN/bias tuning.
+
+Toy layers check the mechanics with hand-checkable properties; the CLI tests check that every
+method's result survives .qcli -> ONNX -> onnxruntime with the simulation check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qcli.methods import reconstruction as R
+from qcli.methods.chain import float_twin
+from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
+from qcli.methods.tuning import ChannelStats, tune_statistics
+from qcli.quant.capture import capture
+from qcli.quant.modules import QConv2d
+from qcli.quant.partition import unit_module
+from qcli.quant.spec import BitConfig
+from test_cli import calibrate_r20, run
+
+
+def _toy(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    for bn in (m[1], m[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _calibrated(bits: BitConfig, seed: int = 0):
+    qg = capture(_toy(seed), (3, 8, 8), bits)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    set_weight_ranges(qg, "mse")
+    set_activation_ranges(qg, x.split(16), "mse")
+    for p in qg.module.parameters():
+        p.requires_grad_(False)
+    return qg, x
+
+
+def _second_unit(qg, x: torch.Tensor):
+    """The second conv's unit (8 -> 8 channels), its cached input and float target."""
+    from qcli.methods.chain import Chain
+
+    chain = Chain.start(qg, x, 16, torch.float32)
+    plan = R.units_to_tune(qg, "layer")
+    chain.advance(plan[0][0])
+    seg, (unit,) = plan[1]
+    return unit_module(qg, unit), chain.inputs(seg, unit), chain.targets(seg, unit)
+
+
+def test_adaround_ends_binary_and_in_range():
+    qg, x = _calibrated(BitConfig(3, 8))
+    module, xq, y = _second_unit(qg, x)
+    conv = next(m for m in module.modules() if isinstance(m, QConv2d))
+    w0 = conv.weight.detach().clone()
+    wq = conv.weight_quantizer
+    s = R.settings_for("adaround", {"iters": 60, "batch_size": 16})
+    R.reconstruct_unit(module, xq, None, y, s, torch.Generator().manual_seed(0))
+    assert wq.rounding is None  # baked into the weights
+    scale = wq.scale.reshape(-1, 1, 1, 1)
+    grid = conv.weight / scale
+    assert torch.allclose(grid, grid.round(), atol=1e-4)  # weights sit on the grid
+    k = grid.round()
+    assert k.min() >= wq.spec.qmin and k.max() <= wq.spec.qmax
+    down = torch.floor(w0 / scale).clamp(wq.spec.qmin, wq.spec.qmax)
+    up = (torch.floor(w0 / scale) + 1).clamp(wq.spec.qmin, wq.spec.qmax)
+    assert bool(((k == down) | (k == up)).all())  # one of the two nearest grid points
+
+
+@pytest.mark.parametrize("method", ["adaround", "adaquant", "brecq"])
+def test_reconstruction_lowers_the_unit_loss(method: str):
+    qg, x = _calibrated(BitConfig(2, 8))
+    module, xq, y = _second_unit(qg, x)
+    s = R.settings_for(method, {"iters": 200, "batch_size": 16})
+    before, after = R.reconstruct_unit(module, xq, None, y, s, torch.Generator().manual_seed(0))
+    assert after < 0.9 * before, (before, after)
+
+
+def _run_method(method: str, settings: dict) -> dict[str, torch.Tensor]:
+    qg, x = _calibrated(BitConfig(4, 4), seed=1)
+    run_fn = R._method(method)
+    run_fn(qg, x.split(16), {"iters": 20, "batch_size": 16, **settings})
+    return {k: v.clone() for k, v in qg.module.state_dict().items()}
+
+
+def test_qdrop_with_drop_probability_zero_is_brecq():
+    brecq = _run_method("brecq", {})
+    qdrop0 = _run_method("qdrop", {"drop_prob": 0.0})
+    qdrop = _run_method("qdrop", {})
+    assert brecq.keys() == qdrop0.keys()
+    assert all(torch.equal(brecq[k], qdrop0[k]) for k in brecq)
+    assert not all(torch.equal(brecq[k], qdrop[k]) for k in brecq)  # dropping does something
+
+
+def _conv_output_stats(qg, x: torch.Tensor, name: str, quantized: bool = True):
+    from qcli.quant.capture import set_quantization
+
+    set_quantization(qg, weights=quantized, activations=quantized)
+    layer = dict(qg.module.named_modules())[name]
+    stats = ChannelStats()
+    h = layer.register_forward_hook(lambda m, a, out: stats.update(out.detach()))
+    with torch.no_grad():
+        qg.module(x)
+    h.remove()
+    set_quantization(qg, weights=True, activations=True)
+    return stats.result()
+
+
+def test_bn_tuning_restores_a_shifted_statistic():
+    qg, x = _calibrated(BitConfig(8, 8))
+    reference = float_twin(qg)
+    mean_fp, std_fp = _conv_output_stats(qg, x, "3", quantized=False)
+    layer = dict(qg.module.named_modules())["3"]
+    with torch.no_grad():  # plant a per-channel gain and shift, as quantization might
+        layer.weight.mul_(torch.linspace(0.6, 1.5, 8).reshape(-1, 1, 1, 1))
+        layer.weight_quantizer.scale.mul_(torch.linspace(0.6, 1.5, 8))
+        layer.bias.add_(0.3)
+    mean_bad, std_bad = _conv_output_stats(qg, x, "3")
+    assert (mean_bad - mean_fp).abs().max() > 0.2 and (std_bad / std_fp - 1).abs().max() > 0.2
+    tune_statistics(qg, reference, x, match_std=True, batch_size=16)
+    mean_q, std_q = _conv_output_stats(qg, x, "3")
+    assert (mean_q - mean_fp).abs().max() < 0.05
+    assert (std_q / std_fp - 1).abs().max() < 0.05
+
+
+def test_bias_tuning_removes_a_planted_output_bias():
+    qg, x = _calibrated(BitConfig(8, 8))
+    lin = dict(qg.module.named_modules())["8"]
+    reference = float_twin(qg)
+    with torch.no_grad():
+        clean = qg.module(x)
+        lin.bias.add_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        assert (qg.module(x) - clean).mean(0).abs().max() > 0.4
+    tune_statistics(qg, reference, x, match_std=False, batch_size=16)
+    with torch.no_grad():
+        fp = reference.module(x)
+        q = qg.module(x)
+    assert (q - fp).mean(0).abs().max() < 0.05
+
+
+def test_settings_reject_bad_values():
+    from qcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--fisher"):
+        R.settings_for("brecq", {"fisher": True, "granularity": "layer"})
+    with pytest.raises(UsageError, match="--iters"):
+        R.settings_for("qdrop", {"iters": 0})
+
+
+# ------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("adaround", ()),
+        ("adaquant", ("--bias-tune",)),
+        ("brecq", ("--fisher",)),
+        ("qdrop", ("--bn-tune", "--granularity", "stage")),
+    ],
+)
+def test_method_round_trips_through_onnxruntime(
+    tmp_path: Path, weights: Path, images: Path, method: str, extra: tuple[str, ...]
+):
+    out = tmp_path / f"{method}.qcli"
+    code, stdout, err = calibrate_r20(
+        weights,
+        images,
+        "--bits",
+        "w4a8",
+        "--method",
+        method,
+        "--iters",
+        "3",
+        "--out",
+        out,
+        "--json",
+        *extra,
+    )
+    assert code == 0, err
+    result = json.loads(stdout)
+    manifest = json.loads((out / "manifest.json").read_text())
+    units = manifest["metrics"]["reconstruction"]["units"]
+    assert units and all("loss_before" in u and "loss_after" in u for u in units)
+    assert result["method"] == method
+    # export runs onnxruntime beside the reloaded simulation and fails on disagreement
+    code, _, err = run("export", out, "--out", tmp_path / f"{method}.onnx")
+    assert code == 0, err
+
+
+def test_show_units_needs_no_data(weights: Path):
+    code, stdout, err = run(
+        "calibrate",
+        "builtin:resnet20_cifar10",
+        "--weights",
+        weights,
+        "--method",
+        "brecq",
+        "--show-units",
+        "--json",
+    )
+    assert code == 0, err
+    units = json.loads(stdout)["units"]
+    assert [u["unit"] for u in units][:2] == ["conv1", "layer1.0"] and len(units) == 11
+
+
+def test_calibrate_without_data_is_a_usage_error(weights: Path, tmp_path: Path):
+    code, _, err = run(
+        "calibrate", "builtin:resnet20_cifar10", "--weights", weights, "--out", tmp_path / "q"
+    )
+    assert code == 2 and "--data" in err
