@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (qcli does it too)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SUITES = ("ptq", "deploy")
+SUITES = ("ptq", "deploy", "datagen")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only redo benchmarks/<suite>.md from benchmarks/results/<suite>.json",
     )
+    parser.add_argument(
+        "--models",
+        help="comma-separated subset (r20,effl0); results go to <suite>-<models>.json so two "
+        "processes can share the cores, then `--merge` joins them into <suite>.json",
+    )
+    parser.add_argument("--merge", action="store_true", help="join <suite>-*.json files")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -42,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(common.TORCH_THREADS)
     names = list(SUITES) if args.suite == "all" else [args.suite]
+    if args.merge:
+        for name in names:
+            _merge(name)
+        return 0
     if args.render:
         for name in names:
             _render(name, args.quick)
@@ -53,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = _missing(data, names)
     command = " ".join([".venv/bin/python benchmarks/run.py", *(argv or sys.argv[1:])])
     ctx = common.Context(quick=args.quick, use_cache=not args.no_cache, command=command, data=data)
+    ctx.models = tuple(args.models.split(",")) if args.models else None
     ctx.env = common.environment()
     common.prune_cache(ctx.cache)
     for name in names:
@@ -99,13 +110,36 @@ def _run_suite(ctx, name: str) -> None:
     if payload["src_hash_end"] != ctx.env["src_hash"]:
         common.log("warning: files under src/ changed during the run (see src_hash_end)")
     payload = json.loads(json.dumps(payload, default=str))  # what the JSON file holds
-    common.write_outputs(_stem(name, ctx.quick), payload, module.markdown(payload))
+    stem = _stem(name, ctx.quick) + (f"-{'-'.join(ctx.models)}" if ctx.models else "")
+    common.write_outputs(stem, payload, module.markdown(payload))
     common.log(f"suite {name} done in {payload['wall_s']:.0f} s")
 
 
 def _stem(name: str, quick: bool) -> str:
     """Quick runs write <suite>.quick.json/.md (git-ignored): never over the full results."""
     return f"{name}.quick" if quick else name
+
+
+def _merge(name: str) -> None:
+    """Join per-model result files of one suite (run side by side) into <suite>.json/.md."""
+    import importlib
+
+    from suites import common
+
+    parts = sorted(common.RESULTS.glob(f"{name}-*.json"))
+    if not parts:
+        print(f"suite {name}: nothing to merge")
+        return
+    payloads = [json.loads(p.read_text()) for p in parts]
+    merged = {**payloads[0], "merged_from": [p.name for p in parts]}
+    for key in ("models", "sweeps"):
+        merged[key] = {k: v for p in payloads for k, v in p.get(key, {}).items()}
+    merged["runs"] = [
+        {k: p[k] for k in ("command", "date", "wall_s", "loadavg_start", "loadavg_end")}
+        for p in payloads
+    ]
+    module = importlib.import_module(f"suites.{name}")
+    common.write_outputs(name, merged, module.markdown(merged))
 
 
 def _render(name: str, quick: bool) -> None:

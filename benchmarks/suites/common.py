@@ -106,6 +106,7 @@ class Context:
     command: str
     data: Path
     env: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] | None = None  # run only these benchmark models
 
     @property
     def cache(self) -> Path:
@@ -185,6 +186,8 @@ class Bench:
 def benches(ctx: Context, keys: list[str]) -> list[Bench]:
     out = []
     for key in keys:
+        if ctx.models is not None and key not in ctx.models:
+            continue
         if key == "r20":
             out.append(
                 Bench(

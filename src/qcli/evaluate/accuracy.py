@@ -81,7 +81,7 @@ def accuracy(
 
     Unlabeled images count toward agreement with `reference_fn` but not toward top-1/top-5,
     so generated or unlabeled folders can still compare a quantized model against its
-    full-precision one. `progress(n_done)` is called after every batch.
+    full-precision one. `progress(n)` is called after every batch with its size.
     """
     preds: list[torch.Tensor] = []
     ref_preds: list[torch.Tensor] = []
@@ -100,7 +100,7 @@ def accuracy(
                 ref_preds.append(_logits(reference_fn, x).argmax(dim=1))
             done += len(pred)
             if progress is not None:
-                progress(done)
+                progress(len(pred))
     return _summarize(preds, ref_preds, top1, top5, labeled, done, reference_fn is not None)
 
 
