@@ -488,6 +488,13 @@ def write_outputs(suite: str, payload: dict[str, Any] | None, markdown: str) -> 
     log(f"wrote benchmarks/{suite}.md")
 
 
+def write_partial(ctx: Context, body: dict[str, Any]) -> None:
+    """Cells so far, so a run cut short still leaves its numbers (never read back)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "-".join(ctx.models) if ctx.models else "all"
+    (RESULTS / f"partial-{tag}.json").write_text(json.dumps(body, indent=1, default=str))
+
+
 def header_lines(payload: dict[str, Any]) -> list[str]:
     """The run's provenance, from the suite's JSON payload."""
     env = payload

@@ -24,6 +24,7 @@ from suites.common import (
     score_fp,
     score_ort,
     score_sim,
+    write_partial,
 )
 
 
@@ -44,8 +45,8 @@ RECON_SETTINGS = {"r20": {"iters": 200}, "effl0": {"iters": 100, "batch_size": 1
 HARD = ("w4a4", "w3a3", "w2a4")
 
 ROWS = [
-    Row("min-max", "minmax"),
-    Row("percentile", "percentile"),
+    Row("min-max", "minmax", only={"r20": ("w8a8", "w4a8", "w4a4"), "effl0": ("w8a8", "w4a8")}),
+    Row("percentile", "percentile", only={"r20": ("w8a8", "w4a8", "w4a4"), "effl0": ("w8a8",)}),
     Row("MSE", "mse"),
     Row("MSE + bias tuning", "mse", {"bias_tune": True}, only={"r20": ("w4a8", "w4a4")}),
     Row("MSE + BN tuning", "mse", {"bn_tune": True}),
@@ -63,7 +64,7 @@ ROWS = [
 ]
 BITS = {"r20": ["w8a8", "w4a8", "w4a4", "w3a3", "w2a4"], "effl0": ["w8a8", "w4a8", "w4a4"]}
 # Iterations-vs-accuracy trade-off: QDrop on r20 W4A4.
-SWEEP = {"model": "r20", "method": "qdrop", "bits": "w4a4", "iters": [50, 200, 500, 1000]}
+SWEEP = {"model": "r20", "method": "qdrop", "bits": "w4a4", "iters": [50, 200, 500]}
 
 QUICK_ROWS = [Row("MSE", "mse"), Row("QDrop", "qdrop", {"iters": 20})]
 QUICK_BITS = {"r20": ["w4a4"]}
@@ -89,6 +90,8 @@ def run(ctx: Context) -> dict[str, Any]:
             for bits in bits_of[b.key]:
                 if row.only is None or bits in row.only.get(b.key, ()):
                     cells.append(_cell(ctx, b, row, bits, fp.top1, _settings(row, b.key)))
+                    partial = {"models": {**models, b.key: {"fp": fp.to_dict(), "cells": cells}}}
+                    write_partial(ctx, partial)
         sweep = QUICK_SWEEP if ctx.quick else SWEEP
         if sweep["model"] == b.key:
             models[b.key + "_sweep"] = _sweep(ctx, b, sweep, fp.top1)
