@@ -225,3 +225,15 @@ def test_calibrate_without_data_is_a_usage_error(weights: Path, tmp_path: Path):
         "calibrate", "builtin:resnet20_cifar10", "--weights", weights, "--out", tmp_path / "q"
     )
     assert code == 2 and "--data" in err
+
+
+def test_quantize_below_8_bits_reconstructs_and_bn_tunes(tmp_path: Path, weights, images):
+    out = tmp_path / "q"
+    code, _, err = run(
+        "quantize", "builtin:resnet20_cifar10", "--weights", weights, "--data", images,
+        "--bits", "w4a8", "--iters", "2", "--no-latency", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
+    assert manifest["method"]["name"] == "qdrop" and manifest["method"]["bn_tune"] is True
+    assert manifest["method"]["settings"]["iters"] == 2

@@ -275,6 +275,16 @@ def _mb(v) -> str:
     show_default=True,
     help="Data generator when no --data is given (see generate-data).",
 )
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    help="Reconstruction iterations per unit when the method reconstructs [500].",
+)
+@click.option(
+    "--bn-tune/--no-bn-tune",
+    default=None,
+    help="BN tuning after calibration [on below 8 bits, where it matters most].",
+)
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @model_options
 @data_options(required=False)
@@ -290,6 +300,8 @@ def quantize(
     num_images,
     gen_iters,
     gen_method,
+    iters,
+    bn_tune,
     no_latency,
     seed,
     ui,
@@ -300,6 +312,7 @@ def quantize(
     \b
     Examples:
       qcli quantize --out effl0-w8                   # embedded EfficientNet-Lite0, data-free
+      qcli quantize --bits 4 --iters 100 --out effl0-w4   # QDrop + BN tuning, data-free
       qcli quantize builtin:resnet20_cifar10 --weights r20.th --bits w8a8 \\
           --data cifar10/train --limit 1024 --eval-data cifar10/test --out r20-w8
     """
@@ -322,6 +335,8 @@ def quantize(
         seed=seed,
         force=force,
         latency=not no_latency,
+        iters=iters,
+        bn_tune=bn_tune,
     )
     return run(cfg, ui)
 
@@ -371,7 +386,9 @@ def quantize(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write a PNG grid of the first 64 images (de-normalized).",
 )
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Data-set folder to write."
+)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
 @common

@@ -32,13 +32,18 @@ class QuantizeConfig:
     data: DataOptions | None = None
     eval_data: DataOptions | None = None
     method: str | None = None  # None: the best registered calibration method
+    # The data-free preset keeps `make demo` (EfficientNet-Lite0, 2 cores) within minutes:
+    # two batches of 16 so DGH's set-level statistics span more than one batch, 50 iters.
+    # Its cost against DGH's full settings is in benchmarks/datagen.md.
     gen_method: str = "dgh"
     gen_images: int = 32
     gen_iters: int = 50
-    gen_batch_size: int = 32
+    gen_batch_size: int = 16
     seed: int = 0
     force: bool = False
     latency: bool = True
+    iters: int | None = None  # reconstruction iterations per unit (None: the method's default)
+    bn_tune: bool | None = None  # None: on below 8 bits
 
 
 def best_method(bits: BitConfig) -> str:
@@ -77,8 +82,19 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
             summary["data_generation"] = gen
             data = DataOptions(tmp / "calib-data")
         qpath, opath = tmp / "model.qcli", tmp / "model.onnx"
+        low = cfg.bits.weight < 8 or cfg.bits.activation < 8
         summary["calibrate"] = calibrate(
-            CalibrateConfig(cfg.model, data, qpath, cfg.bits, method, seed=cfg.seed), ui
+            CalibrateConfig(
+                cfg.model,
+                data,
+                qpath,
+                cfg.bits,
+                method,
+                seed=cfg.seed,
+                settings={"iters": cfg.iters} if cfg.iters else {},
+                bn_tune=low if cfg.bn_tune is None else cfg.bn_tune,
+            ),
+            ui,
         )
         summary["export"] = export(ExportConfig(qpath, opath, check_data=data.path), ui)
         eval_data = cfg.eval_data or data
