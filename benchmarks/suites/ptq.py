@@ -58,7 +58,12 @@ ROWS = [
     Row("AdaQuant + BN tuning", "adaquant", {"bn_tune": True}, only={"r20": ("w4a4",)}),
     Row("BRECQ", "brecq", only={"r20": ("w4a4",)}),
     Row("MSE", "mse"),
-    Row("MSE + BN tuning", "mse", {"bn_tune": True}, only={"r20": HARD, "effl0": None}),
+    Row(
+        "MSE + BN tuning",
+        "mse",
+        {"bn_tune": True},
+        only={"r20": HARD, "effl0": ("w8a8", "w4a8", "w4a4")},
+    ),
     Row("MSE + bias tuning", "mse", {"bias_tune": True}, only={"r20": ("w4a4",)}),
     Row("min-max", "minmax", only={"r20": ("w8a8", "w4a8", "w4a4"), "effl0": ("w8a8", "w4a8")}),
     Row("percentile", "percentile", only={"r20": ("w8a8", "w4a4"), "effl0": ("w8a8",)}),
@@ -89,7 +94,7 @@ def run(ctx: Context) -> dict[str, Any]:
         cells = []
         for row in rows:
             for bits in bits_of[b.key]:
-                if row.only is None or bits in (row.only.get(b.key) or BITS[b.key]):
+                if row.only is None or bits in row.only.get(b.key, ()):
                     cells.append(_cell(ctx, b, row, bits, fp.top1, _settings(row, b.key)))
                     partial = {"models": {**models, b.key: {"fp": fp.to_dict(), "cells": cells}}}
                     write_partial(ctx, partial)
