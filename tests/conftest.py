@@ -19,6 +19,18 @@ def shared_data_path() -> Path:
     return Path(os.environ.get("QCLI_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture
+def one_thread():
+    """Small forwards are fastest on one thread, and far slower when threads fight for cores.
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared data folder; its parent's `models/` holds the shared checkpoints."""

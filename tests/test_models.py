@@ -20,13 +20,7 @@ from qcli.quant.spec import BitConfig
 R20 = "builtin:resnet20_cifar10"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forwards are fastest on one thread, and far slower when threads fight for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net() -> nn.Module:

@@ -1,8 +1,8 @@
 """One data-generation run in a fresh process, for the datagen suite's memory and speed rows.
 
-`python datagen_worker.py SPEC_JSON` prints one JSON line: peak RSS (ru_maxrss) before and
+`python datagen_worker.py SPEC_JSON` prints one JSON line: peak RSS (VmHWM) before and
 after generating, seconds, and the method's metrics. A fresh process per run is what makes
-ru_maxrss (a process-lifetime peak) mean "this run".
+the peak mean "this run".
 """
 
 from __future__ import annotations
@@ -12,12 +12,18 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this address space (VmHWM). Not ru_maxrss: Linux carries that across
+    fork+exec, so a worker started by a 3 GB parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
 
 
 def main(spec: dict) -> dict:

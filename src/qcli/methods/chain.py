@@ -40,12 +40,16 @@ def run_batched(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
-    """module(x) in batches on `device`, gathered on the CPU in the cache dtype."""
-    outs = [
-        module(x[i : i + batch_size].to(device, torch.float32)).to("cpu", dtype)
-        for i in range(0, x.shape[0], batch_size)
-    ]
-    return torch.cat(outs)
+    """module(x) in batches on `device`, written into one preallocated CPU tensor of the cache
+    dtype (gathering a list and concatenating would hold every cache twice at its peak)."""
+    out: Tensor | None = None
+    for i in range(0, x.shape[0], batch_size):
+        y = module(x[i : i + batch_size].to(device, torch.float32))
+        if out is None:
+            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=dtype)
+        out[i : i + y.shape[0]] = y.to("cpu", dtype)
+    assert out is not None, "run_batched needs at least one image"
+    return out
 
 
 @dataclass

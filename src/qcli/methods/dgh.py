@@ -58,13 +58,16 @@ class DghSettings(BnsSettings):
 
     iters: int = 200
     # RAdam damps its early steps (rectification: ~0.05 x lr at step 10, ~0.3 x at step 200),
-    # which is why MCT's lr is 16 and why bns's Adam lr 0.2 crawls here. Measured on the
-    # trained CIFAR ResNet-20 (64 images, batch 32, 200 iters, set-level BN loss at the end,
-    # lr:patience): 0.2 was still at 0.29 after 40 iters (16: 0.045), 4:20 0.032, 16:4 0.107, 16:10 0.037,
+    # which is why MCT's lr is 16 and why bns's Adam lr 0.2 crawls here. Set-level BN loss
+    # at the end, lr:patience. Trained CIFAR ResNet-20, 64 images, batch 32, 200 iters:
+    # 0.2 was still at 0.29 after 40 iters (16: 0.045), 4:20 0.032, 16:4 0.107, 16:10 0.037,
     # 16:20 0.012, 16:40 0.0042, 16:inf 0.068, 32:40 0.0033, 64:20 0.0047, 64:40 0.0028,
-    # 64:70 0.0065, 128:40 0.0033. The loss a step sees is noisy (random crop and flip), so
-    # MCT's patience of iters/50 halves the lr long before the images have converged.
-    lr: float = 64.0
+    # 64:70 0.0065, 128:40 0.0033. EfficientNet-Lite0, 16 images, from 11.6: 64 gave 6.1
+    # after 60 iters, 16 gave 2.9 and 8 gave 2.4 after 40. So MCT's lr 16 (flat up to 128 on
+    # ResNet-20, far better than 64 on EfficientNet), but patience iters/5, not MCT's
+    # iters/50: the loss a step sees is noisy (random crop and flip), and the short patience
+    # halved the lr long before the images had converged.
+    lr: float = 16.0
     aggregate: bool = True
     augment: bool = True
     output_loss: bool = True
@@ -349,9 +352,9 @@ class Run:
         if self.settings.output_loss:
             out_loss = self.output_loss(z)
             loss = bn_loss + self.settings.output_weight * out_loss
-        batch.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         batch.optimizer.step()
+        batch.optimizer.zero_grad(set_to_none=True)  # an idle batch holds no gradient
         clamp_to_pixels_(batch.images, self.pipeline.bounds)
         batch.schedule.step(loss.detach())
         batch.bn_loss = bn_loss.detach()

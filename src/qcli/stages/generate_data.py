@@ -75,7 +75,8 @@ def generate(cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
     with ui.task(f"generate ({cfg.method})", total=steps) as adv:
         images, metrics = method.run(module, loaded.input_spec, settings, _to_delta(adv))
     module.to("cpu")
-    seconds = round(time.perf_counter() - start, 2)
+    elapsed = time.perf_counter() - start
+    seconds = round(elapsed, 2)
     manifest = {
         "qcli_version": __version__,
         "method": cfg.method,
@@ -93,7 +94,7 @@ def generate(cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
         "method": cfg.method,
         "images": int(images.shape[0]),
         "seconds": seconds,
-        "images_per_second": round(images.shape[0] / max(seconds, 1e-9), 2),
+        "images_per_second": round(images.shape[0] / max(elapsed, 1e-6), 2),
         **{k: v for k, v in metrics.items() if k != "seconds"},
     }
     if cfg.preview is not None:
