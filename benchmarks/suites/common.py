@@ -499,6 +499,19 @@ def header_lines(payload: dict[str, Any]) -> list[str]:
     """The run's provenance, from the suite's JSON payload."""
     env = payload
     dirty = [f for f in env["git_dirty_files"] if f.startswith("src/")]
+    if payload.get("runs"):  # merged from per-model runs made side by side
+        runs = "; ".join(
+            f"`{r['command']}` ({r['date']}, {r['wall_s']:.0f} s, load {r['loadavg_start'][0]}"
+            f"→{r['loadavg_end'][0]})"
+            for r in payload["runs"]
+        )
+        return [
+            f"- merged (`run.py --suite ptq --merge`) from runs made side by side: {runs}",
+            f"- git commit at the first: `{env['git_commit'][:12]}`",
+            f"- machine: {env['cores']} cores, onnxruntime {env['onnxruntime']} with "
+            f"{env['ort_threads']} intra-op threads, torch {env['torch']} with "
+            f"{env['torch_threads']} thread(s) per run, OMP_WAIT_POLICY={env['omp_wait_policy']}",
+        ]
     return [
         f"- command: `{env['command']}`" + (" (quick mode)" if env["quick"] else ""),
         f"- date: {payload['date']}; wall time {payload['wall_s']:.0f} s",
