@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qcli.methods import reconstruction as R
-from qcli.methods.chain import float_twin
+from qcli.methods.chain import float_twin, units_to_tune
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.methods.tuning import ChannelStats, tune_statistics
 from qcli.quant.capture import capture
@@ -58,10 +58,11 @@ def _second_unit(qg, x: torch.Tensor):
     from qcli.methods.chain import Chain
 
     chain = Chain.start(qg, x, 16, torch.float32)
-    plan = R.units_to_tune(qg, "layer")
+    plan = units_to_tune(qg, "layer")
     chain.advance(plan[0][0])
     seg, (unit,) = plan[1]
-    return unit_module(qg, unit), chain.inputs(seg, unit), chain.targets(seg, unit)
+    float_inputs = chain.inputs(seg, unit, quantized=False)
+    return unit_module(qg, unit), chain.inputs(seg, unit), chain.targets(unit, float_inputs)
 
 
 def test_adaround_ends_binary_and_in_range():

@@ -16,10 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qcli.quant.capture import QuantGraph, set_quantization
-from qcli.quant.partition import Unit, check_chain, partition, prefix_unit, unit_module
+from qcli.quant.partition import (
+    Unit,
+    check_chain,
+    layer_units,
+    partition,
+    prefix_unit,
+    unit_module,
+)
 
 
 def float_twin(qg: QuantGraph) -> QuantGraph:
@@ -91,22 +98,22 @@ class Chain:
         prefix = prefix_unit(self.qg, segment, unit.input)
         return self._run(prefix, self.q if quantized else self.f, quantized)
 
-    def targets(self, segment: Unit, unit: Unit) -> Tensor:
-        """The float model's output of the unit."""
-        return self._run(unit, self.inputs(segment, unit, quantized=False), quantized=False)
+    def targets(self, unit: Unit, float_inputs: Tensor) -> Tensor:
+        """The float model's output of the unit, from `inputs(..., quantized=False)`."""
+        return self._run(unit, float_inputs, quantized=False)
 
     def advance(self, segment: Unit) -> None:
         """Move both caches past the segment (call after its units are tuned)."""
         self.q = self._run(segment, self.q, quantized=True)
         self.f = self._run(segment, self.f, quantized=False)
 
-    def modules(self, unit: Unit) -> tuple[nn.Module, nn.Module]:
-        """The unit's quantized module and its float twin."""
-        return unit_module(self.qg, unit), unit_module(self.fp, unit)
 
-
-def segments(qg: QuantGraph, granularity: str) -> list[Unit]:
-    """Single-tensor segments: the finest cuts for layer-wise methods, else the units."""
-    units = partition(qg, "layer" if granularity == "layer" else granularity)
-    check_chain(units)
-    return units
+def units_to_tune(qg: QuantGraph, granularity: str) -> list[tuple[Unit, list[Unit]]]:
+    """(segment, units) pairs in walk order. Segments are single-tensor cuts (the finest ones
+    at layer granularity, whose units are then the layers inside); a block or stage segment
+    is its own unit."""
+    segs = partition(qg, granularity)
+    check_chain(segs)
+    if granularity == "layer":
+        return [(seg, layer_units(qg, seg)) for seg in segs]
+    return [(seg, [seg] if seg.layers else []) for seg in segs]

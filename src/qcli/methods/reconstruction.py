@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcli.errors import UsageError
-from qcli.methods.chain import Chain, run_batched, segments
+from qcli.methods.chain import Chain, run_batched, units_to_tune
 from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
 from qcli.methods.registry import register_calibration
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
-from qcli.quant.partition import GRANULARITIES, Unit, layer_units, unit_module
+from qcli.quant.partition import GRANULARITIES, Unit, unit_module
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.rounding import AdaRound, attach_adaround, bake_rounding
 
@@ -256,14 +256,6 @@ def _keep_scales_positive(layers, acts) -> None:
 # ------------------------------------------------------------------------- the walk
 
 
-def units_to_tune(qg: QuantGraph, granularity: str) -> list[tuple[Unit, list[Unit]]]:
-    """(segment, units) pairs in order: layer units inside finest segments, else the segment."""
-    segs = segments(qg, granularity)
-    if granularity == "layer":
-        return [(seg, layer_units(qg, seg)) for seg in segs]
-    return [(seg, [seg] if seg.layers else []) for seg in segs]
-
-
 def reconstruct(
     qg: QuantGraph, images: Tensor, s: ReconSettings, progress: Progress | None = None
 ) -> list[UnitResult]:
@@ -280,8 +272,10 @@ def reconstruct(
         for unit in units:
             start = time.perf_counter()
             xq = chain.inputs(seg, unit)
-            y = chain.targets(seg, unit)
-            xf = chain.inputs(seg, unit, quantized=False) if s.drop_prob > 0 else None
+            xf = chain.inputs(seg, unit, quantized=False)
+            y = chain.targets(unit, xf)
+            if s.drop_prob == 0:
+                xf = None  # only QDrop mixes float inputs in: free them
             w = _fisher(chain, plan[i:], fp_logits) if fp_logits is not None else None
             module = unit_module(qg, unit)
             before, after = reconstruct_unit(module, xq, xf, y, s, generator, progress, w)
@@ -338,17 +332,13 @@ def _method(name: str):
         return {
             "images": images.shape[0],
             "reconstruction": {
-                "settings": _jsonable(asdict(s)),
+                "settings": asdict(s),
                 "units": [asdict(r) for r in results],
             },
             "bias_grid_channels_widened": widened,
         }
 
     return run
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 for _name, _summary, _rank in (

@@ -18,8 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from qcli.methods.chain import Chain
-from qcli.methods.reconstruction import units_to_tune
+from qcli.methods.chain import Chain, units_to_tune
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.partition import Unit, prefix_unit, unit_module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,15 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.bits, cfg.keep_fp)
     qg.to(device())
     settings = {"seed": cfg.seed, **cfg.settings}
-    reference = float_twin(qg) if cfg.bn_tune or cfg.bias_tune else None
-    metrics = run_method(qg, cfg.method, ds, cfg.data.batch_size, settings, ui)
-    if reference is not None:
-        metrics["tuning"] = run_tuning(qg, reference, ds, cfg, ui)
+    bs = cfg.data.batch_size
+    # Tuning needs every image in memory after the method: decode them once for both.
+    tune = cfg.bn_tune or cfg.bias_tune
+    images = torch.cat(list(image_batches(ds, bs))) if tune else None
+    reference = float_twin(qg) if tune else None
+    batches = images.split(bs) if images is not None else image_batches(ds, bs)
+    metrics = run_method(qg, cfg.method, batches, len(ds), settings, ui)
+    if images is not None:
+        metrics["tuning"] = run_tuning(qg, reference, images, cfg, ui)
     _unit_table(metrics, ui)
     skipped = report_skipped(ds, ui)
     qg.to("cpu")
@@ -86,26 +92,30 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
 
 
 def run_method(
-    qg: QuantGraph, method: str, ds, batch_size: int, settings: dict[str, Any], ui: UI
+    qg: QuantGraph,
+    method: str,
+    batches: Iterable[torch.Tensor],
+    n_images: int,
+    settings: dict[str, Any],
+    ui: UI,
 ) -> dict[str, Any]:
-    """Run one registered calibration method on the data set, with a progress bar."""
+    """Run one registered calibration method on the calibration batches, with a progress bar."""
     m = CALIBRATION_METHODS[method]
-    total = m.total(qg, len(ds), settings) if m.total else len(ds)
+    total = m.total(qg, n_images, settings) if m.total else n_images
     start = time.perf_counter()
     with ui.task(f"calibrate ({method})", total=total) as advance:
-        metrics = m.run(qg, image_batches(ds, batch_size), settings, advance)
+        metrics = m.run(qg, batches, settings, advance)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return metrics
 
 
 def run_tuning(
-    qg: QuantGraph, reference: QuantGraph, ds, cfg: CalibrateConfig, ui: UI
+    qg: QuantGraph, reference: QuantGraph, images: torch.Tensor, cfg: CalibrateConfig, ui: UI
 ) -> dict[str, Any]:
     """BN tuning, then bias tuning, on the calibration images; biases then refit int32."""
     from qcli.methods.range_setting import fit_bias_grids
     from qcli.methods.tuning import tune_statistics
 
-    images = torch.cat(list(image_batches(ds, cfg.data.batch_size)))
     done: dict[str, Any] = {}
     start = time.perf_counter()
     for flag, match_std in (("bn_tune", True), ("bias_tune", False)):
