@@ -29,6 +29,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from qcli.export.kernels import pair_sum_violations
 from qcli.export.onnx_qdq import INPUT_NAME, to_onnx
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import QuantGraph, capture
@@ -198,9 +199,12 @@ def check_matches(qg, model, x, optimize: bool, tol: float) -> Diff:
     return d
 
 
-def check_structure(model: onnx.ModelProto, qg: QuantGraph) -> None:
+def check_structure(model: onnx.ModelProto, qg: QuantGraph, storage: str = "int8") -> None:
     onnx.checker.check_model(model, full_check=True)
-    uses_int4 = any(
+    # the hardware-independent twin of the optimized comparisons: no u8×s8 layer of the file
+    # can saturate an int16 pair sum, so it computes the same on CPUs without VNNI
+    assert pair_sum_violations(model) == []
+    uses_int4 = storage == "int4" and any(
         layer.weight_quantizer is not None and layer.weight_quantizer.spec.bits <= 4
         for _, layer in qg.layers()
     )
@@ -220,7 +224,7 @@ def check_structure(model: onnx.ModelProto, qg: QuantGraph) -> None:
         wq = layer.weight_quantizer
         key = name.replace(".", "_") + "_weight_int"
         assert key in weight_dtypes, f"{name}: weight not stored as integers"
-        want = TensorProto.INT4 if wq.spec.bits <= 4 else TensorProto.INT8
+        want = TensorProto.INT4 if wq.spec.bits <= 4 and uses_int4 else TensorProto.INT8
         assert weight_dtypes[key] == want, f"{name}: weight dtype {weight_dtypes[key]}"
         if layer.bias is not None:
             bias_key = name.replace(".", "_") + "_bias_int"
@@ -240,24 +244,25 @@ def check_structure(model: onnx.ModelProto, qg: QuantGraph) -> None:
 # -- 1. exact grid: every architecture, optimized and reference ---------------------------
 
 EXACT_CASES = [
-    *[(key, "w8a8", "minmax") for key in ARCHS],
-    ("resnet18", "w4a8", "minmax"),
-    ("resnet18", "w4a4", "minmax"),
-    ("resnet18", "w3a3", "minmax"),
-    ("resnet18", "w2a4", "minmax"),
-    ("tf_efficientnet_lite0", "w4a8", "minmax"),
-    ("tf_efficientnet_lite0", "w4a4", "minmax"),
-    ("resnet20", "w4a4", "minmax"),
+    *[(key, "w8a8", "minmax", "int8") for key in ARCHS],
+    ("resnet18", "w4a8", "minmax", "int8"),
+    ("resnet18", "w4a8", "minmax", "int4"),
+    ("resnet18", "w4a4", "minmax", "int8"),
+    ("resnet18", "w3a3", "minmax", "int4"),
+    ("resnet18", "w2a4", "minmax", "int8"),
+    ("tf_efficientnet_lite0", "w4a8", "minmax", "int4"),
+    ("tf_efficientnet_lite0", "w4a4", "minmax", "int8"),
+    ("resnet20", "w4a4", "minmax", "int4"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("key", "bits", "method"), EXACT_CASES, ids=lambda v: str(v))
-def test_simulation_equals_onnxruntime_exact_grid(key, bits, method):
+@pytest.mark.parametrize(("key", "bits", "method", "storage"), EXACT_CASES, ids=str)
+def test_simulation_equals_onnxruntime_exact_grid(key, bits, method, storage):
     qg, x = quantized(key, bits, method)
     snap_to_exact_grid(qg)
-    model = to_onnx(qg)
-    check_structure(model, qg)
+    model = to_onnx(qg, storage)
+    check_structure(model, qg, storage)
     check_matches(qg, model, x, optimize=True, tol=TOL_EXACT)
     check_matches(qg, model, x, optimize=False, tol=TOL_EXACT)
 

@@ -17,7 +17,7 @@ from qcli.quant.capture import capture, set_quantization
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.ranges import MSE, MinMax, Percentile, weight_qparams
-from qcli.quant.spec import BitConfig, QuantSpec, activation_spec, weight_spec
+from qcli.quant.spec import SAFE_INT8_LIMIT, BitConfig, QuantSpec, activation_spec, weight_spec
 
 
 def t(*values: float) -> torch.Tensor:
@@ -530,7 +530,8 @@ def test_layer_bits_override():
     qg = capture(small_net(), (3, 8, 8), BitConfig(8, 8), layer_bits={"block.conv1": 3})
     layers = dict(qg.layers())
     assert layers["block.conv1"].weight_quantizer.spec == weight_spec(3)
-    assert layers["block.conv2"].weight_quantizer.spec == weight_spec(8)
+    # 8-bit weights of a regular conv: the saturation-safe grid by default
+    assert layers["block.conv2"].weight_quantizer.spec == weight_spec(8, limit=SAFE_INT8_LIMIT)
 
 
 def test_keep_fp_unknown_name():

@@ -25,6 +25,7 @@ import torch
 
 from qcli.data import ImageFolderSet, TensorSet, iterate, open_data
 from qcli.evaluate import OrtModel, accuracy
+from qcli.export import kernels
 from qcli.quant.capture import capture, set_quantization
 from qcli.quant.spec import BitConfig
 from qcli.stages.calibrate import CalibrateConfig, calibrate
@@ -94,7 +95,19 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),
+        "cpu_kernel_class": kernels.cpu_kernel_class(),
+        "cpu_flags": cpu_flags(),
     }
+
+
+def cpu_flags() -> list[str]:
+    """The integer-kernel flags the brief asks every measurement to name."""
+    wanted = {"avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return []
+    return sorted({w for w in text.split() if w in wanted})
 
 
 @dataclass
@@ -291,6 +304,7 @@ def qcli_artifact(
     d.mkdir(parents=True)
     info: dict[str, Any] = {"method": method, "bits": bits, "settings": settings}
     tuning = {k: bool(settings.pop(k, False)) for k in ("bn_tune", "bias_tune")}
+    int8_range = settings.pop("int8_range", "safe")
     cfg = CalibrateConfig(
         model=b.model,
         data=b.calib,
@@ -299,6 +313,7 @@ def qcli_artifact(
         method=method,
         force=True,
         settings=settings,
+        int8_range=int8_range,
         **tuning,
     )
     la0 = loadavg()
@@ -402,12 +417,16 @@ def score_sim(ctx: Context, b: Bench, qmodel: Path) -> Scored:
     return score(b, lambda: sim_fn(qmodel), f, ctx.use_cache)
 
 
-def score_ort(ctx: Context, b: Bench, onnx_path: Path) -> Scored:
-    """An ONNX file in onnxruntime (predictions cached beside it)."""
+def score_ort(ctx: Context, b: Bench, onnx_path: Path, optimize: bool = True) -> Scored:
+    """An ONNX file in onnxruntime (predictions cached beside it); `optimize=False` runs its
+    reference arithmetic (graph optimizations off) instead of the integer kernels."""
     import onnxruntime
 
-    f = onnx_path.parent / f"{onnx_path.stem}-ort{onnxruntime.__version__}-{eval_tag(b)}.pt"
-    return score(b, lambda: OrtModel(onnx_path, threads=THREADS), f, ctx.use_cache)
+    tag = "" if optimize else "-reference"
+    f = onnx_path.parent / f"{onnx_path.stem}-ort{onnxruntime.__version__}{tag}-{eval_tag(b)}.pt"
+    return score(
+        b, lambda: OrtModel(onnx_path, threads=THREADS, optimize=optimize), f, ctx.use_cache
+    )
 
 
 def differ_pct(a: Scored, b: Scored) -> float:
@@ -526,7 +545,12 @@ def header_lines(payload: dict[str, Any]) -> list[str]:
         f"- machine: {env['cores']} cores, onnxruntime {env['onnxruntime']} with "
         f"{env['ort_threads']} intra-op threads, torch {env['torch']} with {env['torch_threads']} "
         f"thread(s) for calibration and simulation, OMP_WAIT_POLICY="
-        f"{env['omp_wait_policy']}",
+        f"{env['omp_wait_policy']}"
+        + (
+            f"; CPU flags {' '.join(env['cpu_flags'])} (integer kernels: {env['cpu_kernel_class']})"
+            if "cpu_flags" in env
+            else ""
+        ),
         f"- load average (1/5/15 min) at start {payload['loadavg_start']}, "
         f"at end {payload['loadavg_end']}",
     ]

@@ -18,8 +18,9 @@ import click
 
 from qcli import __version__
 from qcli.errors import QcliError, UsageError
+from qcli.export.onnx_qdq import WEIGHT_STORAGES
 from qcli.methods.registry import CALIBRATION_METHODS, DATA_METHODS, load_all
-from qcli.quant.spec import BitConfig
+from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.ui import RichUI
 
@@ -132,6 +133,31 @@ def _data(kw: dict) -> DataOptions | None:
     return None if path is None else DataOptions(path, opts[1], opts[0], opts[2])
 
 
+def int8_range_option(fn: Callable) -> Callable:
+    return click.option(
+        "--int8-range",
+        type=click.Choice(INT8_RANGES),
+        default="safe",
+        show_default=True,
+        help="safe: the ONNX file computes the same on every CPU (8-bit weights that x86 "
+        "CPUs without VNNI would add in saturating int16 pairs are kept within ±64; "
+        "depthwise layers keep the full grid). full: the whole int8 grid, exact only on CPUs "
+        "with AVX-512 VNNI, AVX-VNNI, AMX or ARM (an AVX2-only CPU computes something else).",
+    )(fn)
+
+
+def weight_storage_option(fn: Callable) -> Callable:
+    return click.option(
+        "--weight-storage",
+        type=click.Choice(WEIGHT_STORAGES),
+        default="int8",
+        show_default=True,
+        help="int8: every weight width in int8, run by onnxruntime's integer kernels (fast). "
+        "int4: 2-4-bit weights packed as int4 (opset 21), half the size, but onnxruntime "
+        "dequantizes them to float on every call (about 2x slower than FP32).",
+    )(fn)
+
+
 def common(fn: Callable) -> Callable:
     fn = click.option(
         "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
@@ -210,6 +236,7 @@ def _quantize_rows(r: dict) -> list[tuple]:
         ("top-1 FP -> quantized", f"{_pct(fp['top1'])} -> {_pct(q['top1'])}"),
         ("agreement with FP", _pct(q.get("agreement_with_reference"))),
         ("sim vs onnxruntime", f"{r['export']['check']['disagreement_pct']:.2f}% top-1 differ"),
+        ("exact on CPUs", ", ".join(r["export"]["exact_on"])),
         ("latency b1 FP -> ONNX", f"{lat_fp.get(1, '-')} -> {lat_q.get(1, '-')} ms"),
         ("latency b64 FP -> ONNX", f"{lat_fp.get(64, '-')} -> {lat_q.get(64, '-')} ms"),
         ("size FP -> ONNX", f"{_mb(fp.get('bytes'))} -> {_mb(q.get('bytes'))}"),
@@ -286,6 +313,8 @@ def _mb(v) -> str:
     help="BN tuning after calibration [on below 8 bits, where it matters most].",
 )
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@int8_range_option
+@weight_storage_option
 @model_options
 @data_options(required=False)
 @common
@@ -303,6 +332,8 @@ def quantize(
     iters,
     bn_tune,
     no_latency,
+    int8_range,
+    weight_storage,
     seed,
     ui,
     **kw,
@@ -337,6 +368,8 @@ def quantize(
         latency=not no_latency,
         iters=iters,
         bn_tune=bn_tune,
+        int8_range=int8_range,
+        weight_storage=weight_storage,
     )
     return run(cfg, ui)
 
@@ -468,6 +501,15 @@ def _calibrate_rows(r: dict) -> list[tuple]:
     rows = _kv(keys)(r)
     if r.get("tuning"):
         rows.append(("BN/bias tuning", f"{r['tuning']['seconds']} s"))
+    widened = r.get("int8_range", {}).get("widened")
+    if widened is not None:
+        share = r["int8_range"].get("mac_share", 0.0)
+        rows.append(
+            (
+                "full int8 grid (uint8 weights)",
+                f"{len(widened)} layers, {100 * share:.1f}% of multiply-adds",
+            )
+        )
     return [*rows, ("seconds", r.get("seconds"))]
 
 
@@ -504,6 +546,7 @@ def _calibrate_rows(r: dict) -> list[tuple]:
     "--show-units", is_flag=True, help="Print the reconstruction units and exit (no --data)."
 )
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@int8_range_option
 @click.option("--out", type=click.Path(path_type=Path), help="Quantized-model folder (.qcli).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
@@ -522,6 +565,7 @@ def calibrate(
     bias_tune,
     show_units,
     keep_fp,
+    int8_range,
     out,
     force,
     seed,
@@ -548,7 +592,18 @@ def calibrate(
         settings["fisher"] = True
     data = _data(kw)
     cfg = CalibrateConfig(
-        _model(model, kw), data, out, bits, method, keep, seed, force, settings, bn_tune, bias_tune
+        _model(model, kw),
+        data,
+        out,
+        bits,
+        method,
+        keep,
+        seed,
+        force,
+        settings,
+        bn_tune,
+        bias_tune,
+        int8_range,
     )
     if show_units:
         return show_units_of(cfg, granularity, ui)
@@ -569,6 +624,8 @@ def _export_rows(r: dict) -> list[tuple]:
         ("out", r["out"]),
         ("opset", r["opset"]),
         ("bits", r["bits"]),
+        ("weight storage", r["weight_storage"]),
+        ("exact on CPUs", ", ".join(r["exact_on"])),
         ("size", _mb(r["bytes"])),
         ("sim vs onnxruntime", check),
     ]
@@ -583,21 +640,27 @@ def _export_rows(r: dict) -> list[tuple]:
     help="Images for the onnxruntime check (default: the calibration data).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output.")
+@weight_storage_option
 @common
 @run_stage("qcli export", lambda r: _export_rows(r))
-def export(qmodel, out, check_data, force, seed, ui):
+def export(qmodel, out, check_data, force, weight_storage, seed, ui):
     """Write a .qcli folder as ONNX QDQ and check onnxruntime against the simulation.
 
+    The check runs onnxruntime twice, with its integer kernels and with its reference
+    arithmetic (graph optimizations off), so its verdict does not depend on this CPU.
+
     \b
-    Example:
-      qcli export r20-w4a8.qcli --out r20-w4a8.onnx
+    Examples:
+      qcli export r20-w4a8.qcli --out r20-w4a8.onnx                 # int8 storage: fast
+      qcli export r20-w4a8.qcli --out r20-w4a8-small.onnx --weight-storage int4
     """
     from qcli.stages.export import ExportConfig
     from qcli.stages.export import export as run
 
     if not qmodel.exists():
         raise QcliError(f"quantized model '{qmodel}' does not exist")
-    return run(ExportConfig(qmodel, out, check_data, force=force, seed=seed), ui)
+    cfg = ExportConfig(qmodel, out, check_data, force=force, seed=seed)
+    return run(dataclasses.replace(cfg, weight_storage=weight_storage), ui)
 
 
 # -- eval -----------------------------------------------------------------------------------
@@ -613,6 +676,14 @@ def _eval_rows(r: dict) -> list[tuple]:
     ]
     if r.get("agreement_with_reference") is not None:
         rows.append(("agreement with reference", _pct(r["agreement_with_reference"])))
+    if "cpu" in r:
+        safe = "yes" if not r["saturating_layers"] else f"no ({r['saturating_layers']} layers)"
+        rows.append(("CPU integer kernels", r["cpu"]))
+        rows.append(("exact on every CPU (static check)", safe))
+    if r.get("kernel_check"):
+        k = r["kernel_check"]
+        changed = f"{_pct(k['changed_pct'])} top-1 change ({k['changed']}/{k['images']})"
+        rows.append(("kernel check (integer vs reference)", changed))
     for b, ms in r.get("latency_ms", {}).items():
         rows.append((f"latency batch {b}", f"{ms} ms"))
     if "bytes" in r:
@@ -627,12 +698,25 @@ def _eval_rows(r: dict) -> list[tuple]:
 @click.option("--reference", help="Model, .qcli or .onnx to compare top-1 predictions with.")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option(
+    "--no-kernel-check",
+    is_flag=True,
+    help="ONNX: skip the second run with onnxruntime's reference arithmetic.",
+)
 @model_options
 @data_options(required=True)
 @common
 @run_stage("qcli eval", _eval_rows)
-def eval_cmd(target, reference, no_latency, threads, seed, ui, **kw):
+def eval_cmd(target, reference, no_latency, threads, no_kernel_check, seed, ui, **kw):
     """Top-1/top-5, agreement, latency and size of an ONNX file, a .qcli folder or a MODEL.
+
+    For an ONNX file it also names this CPU's integer-kernel class (avx2, avx512,
+    avx512-vnni, avx-vnni, amx, arm-dotprod, arm), checks the file statically for layers
+    whose int16 pair sums could saturate on x86 CPUs without VNNI, and runs the kernel check:
+    the share of images whose top-1 class changes between onnxruntime's integer kernels and
+    its reference arithmetic (graph optimizations off). Near 0 means the deployed arithmetic
+    is the simulated one on this CPU; the reference convolves dequantized values in float,
+    so a few one-step rounding flips (typically under 1-2% of images) remain even then.
 
     \b
     Example:
@@ -642,7 +726,9 @@ def eval_cmd(target, reference, no_latency, threads, seed, ui, **kw):
     from qcli.stages.evaluate import EvalConfig, evaluate
 
     mo = _model(target, kw)
-    cfg = EvalConfig(target, _data(kw), reference, mo, not no_latency, threads, seed)
+    cfg = EvalConfig(
+        target, _data(kw), reference, mo, not no_latency, threads, seed, not no_kernel_check
+    )
     return evaluate(cfg, ui)
 
 

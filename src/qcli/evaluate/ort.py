@@ -37,9 +37,13 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _session_options(threads: int | None) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimize: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -57,16 +61,26 @@ def _check_file(path: Path) -> None:
 class OrtModel:
     """Callable onnxruntime model: `OrtModel("m.onnx")(x) -> logits`.
 
-    Graph optimizations are on (that is what a deployment runs). A model exported with a fixed
-    batch size still accepts any batch: the input is run in chunks of that size.
+    Graph optimizations are on (that is what a deployment runs: QDQ fused into integer
+    kernels); `optimize=False` runs the QDQ reference arithmetic instead (float ops on
+    dequantized values), the same on every CPU. A model exported with a fixed batch size still
+    accepts any batch: the input is run in chunks of that size.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        device: str = "cpu",
+        optimize: bool = True,
+    ):
         self.path = Path(path)
         _check_file(self.path)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), _session_options(threads), providers=_providers(device)
+                str(self.path),
+                _session_options(threads, optimize),
+                providers=_providers(device),
             )
         except QcliError:
             raise

@@ -5,9 +5,15 @@ The writer walks the same fx graph that the simulation runs, through the same op
 DequantizeLinear pair here and nothing else is quantized.
 
 Storage:
-- weights are stored as integers: int8 at 5-8 bits, int4 (opset 21) at 2-4 bits. Below the
-  storage width the values simply stay inside the narrower range [qmin, qmax], so 2- and
-  3-bit weights are exact inside int4 storage;
+- weights are stored as integers: int8 by default at every width, which onnxruntime runs in
+  its fused integer kernels, or int4 (opset 21) at 2-4 bits with `weight_storage="int4"`,
+  half the size but dequantized to float on every call (onnxruntime has no int4 conv
+  kernel). Below the storage width the values simply stay inside the narrower range
+  [qmin, qmax], so the same integers and scales give the same function in either storage;
+- a layer whose int8 weights could saturate the int16 pair sums of onnxruntime's u8×s8
+  kernels on x86 without VNNI (`kernels.max_pair_sum`) is stored as uint8 with zero point
+  128 instead (u8×u8 kernels never saturate), unless the model was calibrated with
+  `int8_range="full"` for CPUs known to accumulate in int32;
 - activations use uint8 (int8 when signed) at every width. Below 8 bits a Clip to
   [(qmin - zp)·s, (qmax - zp)·s] precedes QuantizeLinear, which makes its saturation equal
   the narrower clamp of the simulation. uint4 activations are avoided on purpose: onnxruntime
@@ -30,29 +36,41 @@ from torch import fx, nn
 
 from qcli import __version__
 from qcli.errors import QcliError
+from qcli.export import kernels
 from qcli.quant import ops
-from qcli.quant.capture import QuantGraph, hardtanh_bounds
+from qcli.quant.capture import QuantGraph, hardtanh_bounds, pairs_products
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.primitives import bias_scale
 from qcli.quant.quantizer import Quantizer
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+WEIGHT_STORAGES = ("int8", "int4")
+U8_ZP = 128  # uint8 weights: the int8 integers shifted up, so u8×u8 kernels run them
 
 
-def _storage(bits: int, signed: bool, weight: bool = False) -> tuple[int, int, int]:
-    """ONNX dtype and its integer range: 4-bit types for weights of 4 bits and below, else 8."""
-    if bits > 4 or not weight:
+def _storage(bits: int, signed: bool, packed: bool = False) -> tuple[int, int, int]:
+    """ONNX dtype and its integer range: 4-bit types when `packed` and bits <= 4, else 8."""
+    if bits > 4 or not packed:
         return (TensorProto.INT8, -128, 127) if signed else (TensorProto.UINT8, 0, 255)
     return (TensorProto.INT4, -8, 7) if signed else (TensorProto.UINT4, 0, 15)
 
 
-def needs_opset21(qg: QuantGraph) -> bool:
+def needs_opset21(qg: QuantGraph, weight_storage: str = "int8") -> bool:
     """int4 weight storage exists from opset 21 on."""
-    return any(
+    return weight_storage == "int4" and any(
         layer.weight_quantizer is not None and layer.weight_quantizer.spec.bits <= 4
         for _, layer in qg.layers()
     )
+
+
+def stores_unsigned(layer: QConv2d | QLinear, ints: np.ndarray, int8_range: str) -> bool:
+    """Whether a layer's int8 weights go to the file as uint8 (zero point 128): when its
+    u8×s8 kernel could saturate an int16 pair sum on a CPU without VNNI (export.kernels)."""
+    iq = layer.input_quantizer
+    if int8_range == "full" or iq is None or iq.spec.signed or not pairs_products(layer):
+        return False
+    return kernels.max_pair_sum(ints, iq.spec.qmax) > kernels.INT16_MAX
 
 
 @dataclass
@@ -67,6 +85,8 @@ class _QInfo:
 @dataclass
 class _Writer:
     opset: int
+    weight_storage: str = "int8"
+    int8_range: str = "safe"
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     names: set = field(default_factory=set)
@@ -133,11 +153,13 @@ class _Writer:
         w = layer.weight.detach().float().cpu()
         if wq is None or not wq.enabled:
             return self.const(f"{hint}_weight", w.numpy())
-        dtype, _, _ = _storage(wq.spec.bits, wq.spec.signed, weight=True)
+        dtype, _, _ = _storage(wq.spec.bits, wq.spec.signed, self.weight_storage == "int4")
         ints = wq.quantize_int(w).numpy()
+        zp = wq.zero_point.detach().cpu().numpy().round()
+        if dtype == TensorProto.INT8 and stores_unsigned(layer, ints, self.int8_range):
+            dtype, ints, zp = TensorProto.UINT8, ints + U8_ZP, zp + U8_ZP
         q = self.const(f"{hint}_weight_int", ints, dtype)
         s = self.const(f"{hint}_weight_scale", wq.scale.detach().float().cpu().numpy())
-        zp = wq.zero_point.detach().cpu().numpy().round()
         z = self.const(f"{hint}_weight_zero_point", zp, dtype)
         return self.op("DequantizeLinear", [q, s, z], f"{hint}_weight_dq", axis=0)
 
@@ -156,10 +178,12 @@ class _Writer:
         return self.op("DequantizeLinear", [q, s_name, z], f"{hint}_bias_dq", axis=0)
 
 
-def to_onnx(qg: QuantGraph) -> onnx.ModelProto:
-    """The QDQ ONNX model of `qg`, in memory."""
-    opset = 21 if needs_opset21(qg) else 17
-    w = _Writer(opset)
+def to_onnx(qg: QuantGraph, weight_storage: str = "int8") -> onnx.ModelProto:
+    """The QDQ ONNX model of `qg`, in memory; `weight_storage` is one of WEIGHT_STORAGES."""
+    if weight_storage not in WEIGHT_STORAGES:
+        raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}")
+    opset = 21 if needs_opset21(qg, weight_storage) else 17
+    w = _Writer(opset, weight_storage, qg.int8_range)
     gm = qg.module
     mods = dict(gm.named_modules())
     env: dict[fx.Node, str] = {}
@@ -190,12 +214,18 @@ def to_onnx(qg: QuantGraph) -> onnx.ModelProto:
     )
     model.producer_version = __version__
     bits = {name: q.spec.bits for name, q in qg.quantizers()}
+    exact_on = kernels.ALL_CLASSES
+    if kernels.pair_sum_violations(model):
+        exact_on = kernels.INT32_ACCUMULATING
     helper.set_model_props(
         model,
         {
             "qcli_version": __version__,
             "qcli_bits": str(qg.bits),
             "qcli_quantizers": json.dumps(bits),
+            "qcli_weight_storage": weight_storage,
+            "qcli_int8_range": qg.int8_range,
+            "qcli_exact_on": ",".join(exact_on),
         },
     )
     return model

@@ -25,7 +25,14 @@ from qcli.errors import QcliError
 from qcli.quant import ops
 from qcli.quant.modules import PaddedConv2d, QConv2d, QLinear
 from qcli.quant.quantizer import Quantizer
-from qcli.quant.spec import BitConfig, activation_spec, weight_spec
+from qcli.quant.spec import (
+    INT8_RANGES,
+    SAFE_INT8_LIMIT,
+    BitConfig,
+    QuantSpec,
+    activation_spec,
+    weight_spec,
+)
 
 _LEAVES = tuple(cls for cls, _ in ops._MODULES)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -47,6 +54,7 @@ class QuantGraph:
     input_shape: tuple[int, ...]  # (C, H, W)
     keep_fp: tuple[str, ...] = ()
     layer_bits: dict[str, int] = field(default_factory=dict)
+    int8_range: str = "safe"
     # Paths of Sequential/ModuleList/ModuleDict in the original model: fx flattens the module
     # tree into plain modules, and the partition needs to tell blocks from containers.
     containers: frozenset[str] = frozenset()
@@ -84,12 +92,19 @@ def capture(
     bits: BitConfig,
     keep_fp: Iterable[str] = (),
     layer_bits: dict[str, int] | None = None,
+    int8_range: str = "safe",
+    layer_specs: dict[str, QuantSpec] | None = None,
 ) -> QuantGraph:
     """Build the quantized simulation of `model` (which is not modified).
 
     `keep_fp` names conv/linear layers (module paths) left in float with a float output;
-    `layer_bits` overrides the weight bits of single layers (mixed precision).
+    `layer_bits` overrides the weight bits of single layers (mixed precision). `int8_range`
+    'safe' narrows 8-bit weights that onnxruntime pairs in int16 to ±SAFE_INT8_LIMIT (see
+    `safe_weight_spec`); 'full' keeps the whole int8 grid. `layer_specs` gives layers their
+    exact weight spec (a reloaded .qcli: what was saved is what is rebuilt).
     """
+    if int8_range not in INT8_RANGES:
+        raise ValueError(f"int8_range must be one of {INT8_RANGES}, got {int8_range!r}")
     keep = tuple(keep_fp)
     layer_bits = dict(layer_bits or {})
     model = copy.deepcopy(model).float().eval()
@@ -104,13 +119,19 @@ def capture(
     _fold_batchnorm(gm)
     _check_names(gm, keep, "--keep-fp")
     _check_names(gm, tuple(layer_bits), "bit allocation")
-    _quantize_layers(gm, bits, keep, layer_bits)
+    specs = {
+        name: safe_weight_spec(m, layer_bits.get(name, bits.weight), bits.activation, int8_range)
+        for name, m in gm.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear) and name not in keep
+    }
+    specs.update(layer_specs or {})
+    _quantize_layers(gm, specs)
     _insert_act_quantizers(gm, bits, keep)
     _link_input_quantizers(gm)
     gm.graph.lint()
     gm.recompile()
     _propagate_shapes(gm, example)
-    return QuantGraph(gm, bits, tuple(input_shape), keep, layer_bits, containers)
+    return QuantGraph(gm, bits, tuple(input_shape), keep, layer_bits, int8_range, containers)
 
 
 # -- 1. module rewrites ---------------------------------------------------------------------
@@ -260,16 +281,32 @@ def _check_names(gm: fx.GraphModule, names: tuple[str, ...], flag: str) -> None:
             )
 
 
-def _quantize_layers(
-    gm: fx.GraphModule, bits: BitConfig, keep: tuple[str, ...], layer_bits: dict[str, int]
-) -> None:
+def pairs_products(m: nn.Module) -> bool:
+    """Whether onnxruntime's u8×s8 kernel for this layer adds products in int16 pairs.
+
+    Every conv and linear does, except depthwise convs (one input and one output channel per
+    group), which onnxruntime runs through a kernel that accumulates each product in int32.
+    """
+    if isinstance(m, nn.Conv2d):
+        return not (m.in_channels == m.groups == m.out_channels and m.groups > 1)
+    return isinstance(m, nn.Linear)
+
+
+def safe_weight_spec(m: nn.Module, bits: int, act_bits: int, int8_range: str) -> QuantSpec:
+    """The weight grid of a layer: 8-bit weights fed by 8-bit activations that onnxruntime
+    pairs in int16 stay within ±SAFE_INT8_LIMIT under 'safe' (below 8 activation bits the
+    uint8 codes stay under 128, and 127 · (127 + 127) already fits int16)."""
+    narrow = int8_range == "safe" and bits == 8 and act_bits == 8 and pairs_products(m)
+    return weight_spec(bits, limit=SAFE_INT8_LIMIT if narrow else None)
+
+
+def _quantize_layers(gm: fx.GraphModule, specs: dict[str, QuantSpec]) -> None:
     for name, m in list(gm.named_modules()):
         if isinstance(m, QConv2d | QLinear):
             continue
         if isinstance(m, nn.Conv2d | nn.Linear):
-            spec = None if name in keep else weight_spec(layer_bits.get(name, bits.weight))
             cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
-            _set_module(gm, name, cls.from_float(m, spec))
+            _set_module(gm, name, cls.from_float(m, specs.get(name)))
 
 
 # -- 5. activation quantizers ---------------------------------------------------------------

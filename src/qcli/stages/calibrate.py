@@ -12,6 +12,8 @@ import torch
 
 from qcli.artifacts import prepare_output
 from qcli.methods.chain import float_twin
+from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
+from qcli.methods.range_setting import fit_bias_grids
 from qcli.methods.registry import CALIBRATION_METHODS, load_all
 from qcli.quant.capture import QuantGraph, capture
 from qcli.quant.spec import BitConfig
@@ -40,6 +42,7 @@ class CalibrateConfig:
     settings: dict[str, Any] = field(default_factory=dict)  # method settings (--iters, ...)
     bn_tune: bool = False
     bias_tune: bool = False
+    int8_range: str = "safe"  # 'full': the whole int8 weight grid, exact only where VNNI/ARM
 
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
@@ -48,7 +51,13 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     loaded = cfg.model.load()
     ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
-    qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.bits, cfg.keep_fp)
+    qg = capture(
+        loaded.module,
+        (3, *loaded.input_spec.size),
+        cfg.bits,
+        cfg.keep_fp,
+        int8_range=cfg.int8_range,
+    )
     qg.to(device())
     settings = {"seed": cfg.seed, **cfg.settings}
     bs = cfg.data.batch_size
@@ -58,6 +67,12 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     reference = float_twin(qg) if tune else None
     batches = images.split(bs) if images is not None else image_batches(ds, bs)
     metrics = run_method(qg, cfg.method, batches, len(ds), settings, ui)
+    if narrowed_layers(qg):
+        probe = (
+            images if images is not None else next(image_batches(ds, WidenSettings.probe_images))
+        )
+        with ui.task("int8 range: widen sensitive layers", total=None):
+            metrics["int8_range"] = widen(qg, probe, cfg.method)
     if images is not None:
         metrics["tuning"] = run_tuning(qg, reference, images, cfg, ui)
     _unit_table(metrics, ui)
@@ -109,11 +124,19 @@ def run_method(
     return metrics
 
 
+def widen(qg: QuantGraph, images: torch.Tensor, method: str) -> dict[str, Any]:
+    """The saturation-safe range's second step: widen the layers that need the full grid,
+    with the method's own weight estimator (MSE unless it sets plain ranges)."""
+    weight_method = "minmax" if method in ("minmax", "percentile") else "mse"
+    report = widen_sensitive_layers(qg, images, weight_method)
+    fit_bias_grids(qg)
+    return report
+
+
 def run_tuning(
     qg: QuantGraph, reference: QuantGraph, images: torch.Tensor, cfg: CalibrateConfig, ui: UI
 ) -> dict[str, Any]:
     """BN tuning, then bias tuning, on the calibration images; biases then refit int32."""
-    from qcli.methods.range_setting import fit_bias_grids
     from qcli.methods.tuning import tune_statistics
 
     done: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from qcli.data import iterate, open_data
 from qcli.errors import QcliError
 from qcli.models import InputSpec, LoadedModel, ModelSource, load_model
 from qcli.quant.capture import QuantGraph, capture
-from qcli.quant.spec import BitConfig
+from qcli.quant.spec import BitConfig, QuantSpec
 from qcli.ui import UI
 
 DEFAULT_MODEL = "builtin:efficientnet_lite0"
@@ -102,6 +102,7 @@ def save_qmodel(
         "bits": str(qg.bits),
         "keep_fp": list(qg.keep_fp),
         "layer_bits": qg.layer_bits,
+        "int8_range": qg.int8_range,
         "layers": layers,
         "activations": acts,
         **extra,
@@ -138,12 +139,24 @@ def load_qmodel(path: Path) -> QModel:
             f"quantized model '{path}' was made from different weights than "
             f"'{source.weights or source.spec}' has now (checksum mismatch)"
         )
+    try:
+        layer_specs = {
+            layer["name"]: QuantSpec.from_dict(layer["weight"])
+            for layer in manifest.get("layers", [])
+            if layer.get("weight")
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise QcliError(f"quantized model '{path}' has a malformed layer spec ({e})") from e
     qg = capture(
         loaded.module,
         (3, *spec.size),
         bits,
         keep_fp=manifest.get("keep_fp", []),
         layer_bits=manifest.get("layer_bits", {}),
+        # .qcli folders from before int8 ranges existed hold the full grid: export then stores
+        # the layers that could saturate as uint8, so they stay exact everywhere.
+        int8_range=manifest.get("int8_range", "safe"),
+        layer_specs=layer_specs,
     )
     missing, unexpected = qg.module.load_state_dict(state, strict=False)
     if missing or unexpected:

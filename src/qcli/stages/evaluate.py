@@ -18,6 +18,7 @@ import torch
 from qcli.data import iterate
 from qcli.errors import QcliError
 from qcli.evaluate import OrtModel, accuracy, file_size, latency
+from qcli.export import kernels
 from qcli.models import IMAGENET_SPEC, InputSpec
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel, open_dataset, report_skipped
 from qcli.ui import UI
@@ -32,6 +33,7 @@ class Target:
     fn: Callable[[torch.Tensor], torch.Tensor]
     input_spec: InputSpec
     size_path: Path | None
+    metadata: dict[str, str] = field(default_factory=dict)  # an ONNX file's metadata_props
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,42 @@ class EvalConfig:
     latency: bool = True
     threads: int | None = None
     seed: int = 0
+    kernel_check: bool = True
+
+
+class KernelCheck:
+    """Runs an ONNX file with onnxruntime's integer kernels (returned, as deployed) and with
+    its reference arithmetic (graph optimizations off), counting images whose top-1 differs.
+
+    A share near 0 means this CPU's integer arithmetic is the simulated one. The reference
+    path convolves dequantized values in float, so values within float error of a rounding
+    boundary can land one step apart: a few flips (well under 1-2%) remain even where nothing
+    saturates; a CPU whose int16 pair sums saturate changes many more.
+    """
+
+    def __init__(self, fused: OrtModel, threads: int | None = None) -> None:
+        self.fused = fused
+        self.reference = OrtModel(fused.path, threads=threads, optimize=False)
+        self.images = 0
+        self.changed = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out, ref = self.fused(x), self.reference(x)
+        self.images += int(x.shape[0])
+        self.changed += int((out.argmax(1) != ref.argmax(1)).sum())
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        pct = 100.0 * self.changed / self.images if self.images else None
+        return {"images": self.images, "changed": self.changed, "changed_pct": pct}
 
 
 def resolve_target(text: str, opts: ModelOptions, threads: int | None = None) -> Target:
     path = Path(text)
     if path.suffix == ".onnx" or (path.is_file() and _is_onnx(path)):
         ort_model = OrtModel(path, threads=threads)
-        return Target(text, "onnx", ort_model, _onnx_input_spec(path, opts), path)
+        meta = ort_model.session.get_modelmeta().custom_metadata_map
+        return Target(text, "onnx", ort_model, _onnx_input_spec(path, opts), path, dict(meta))
     if path.is_dir() and (path / "manifest.json").is_file():
         qm = load_qmodel(path)
         module = qm.graph.module.eval()
@@ -96,14 +127,22 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
             f"'{cfg.target}' expects {target.input_spec.size}"
         )
     ds = open_dataset(cfg.data, target.input_spec, cfg.seed)
+    result: dict[str, Any] = {"target": cfg.target, "kind": target.kind}
+    fn = target.fn
+    if target.kind == "onnx":
+        result.update(_cpu_report(target, ui))
+        if cfg.kernel_check:
+            fn = KernelCheck(target.fn, cfg.threads)
     with ui.task(f"evaluate {target.kind}", total=len(ds)) as advance:
         acc = accuracy(
-            target.fn,
+            fn,
             iterate(ds, cfg.data.batch_size),
             reference_fn=reference.fn if reference else None,
             progress=advance,
         )
-    result: dict[str, Any] = {"target": cfg.target, "kind": target.kind, **acc.to_dict()}
+    result.update(acc.to_dict())
+    if isinstance(fn, KernelCheck):
+        result["kernel_check"] = fn.to_dict()
     result["skipped_images"] = report_skipped(ds, ui)
     if target.size_path is not None:
         result["bytes"] = file_size(target.size_path)
@@ -113,3 +152,29 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
             stats = latency(target.fn, shape, batch_sizes=(1, 64))
         result["latency_ms"] = {b: round(s.median * 1000, 3) for b, s in stats.items()}
     return result
+
+
+def _cpu_report(target: Target, ui: UI) -> dict[str, Any]:
+    """This CPU's integer-kernel class, and whether the file can saturate int16 pair sums.
+
+    The second is read from the file itself (a static property), so a file that would compute
+    something else on an AVX2-only CPU is flagged on any CPU, foreign files included.
+    """
+    cpu = kernels.cpu_kernel_class()
+    assert target.size_path is not None
+    violations = kernels.pair_sum_violations(target.size_path)
+    report: dict[str, Any] = {"cpu": cpu, "saturating_layers": len(violations)}
+    if "qcli_exact_on" in target.metadata:
+        report["exact_on"] = target.metadata["qcli_exact_on"].split(",")
+    if violations:
+        where = (
+            f"on this CPU ({cpu}) onnxruntime's integer kernels compute something else"
+            if kernels.saturates(cpu)
+            else "exact on this CPU, but x86 CPUs without VNNI compute something else"
+        )
+        ui.warn(
+            f"'{target.name}': {len(violations)} layer(s), e.g. '{violations[0].node}', can "
+            f"saturate int16 pair sums of u8×s8 kernels: {where}; qcli's default "
+            "--int8-range safe makes files that are exact on every CPU"
+        )
+    return report

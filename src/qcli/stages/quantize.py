@@ -44,6 +44,8 @@ class QuantizeConfig:
     latency: bool = True
     iters: int | None = None  # reconstruction iterations per unit (None: the method's default)
     bn_tune: bool | None = None  # None: on below 8 bits
+    int8_range: str = "safe"
+    weight_storage: str = "int8"  # int8 runs in integer kernels; int4 is smaller but slower
 
 
 def best_method(bits: BitConfig) -> str:
@@ -93,10 +95,14 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
                 seed=cfg.seed,
                 settings={"iters": cfg.iters} if cfg.iters else {},
                 bn_tune=low if cfg.bn_tune is None else cfg.bn_tune,
+                int8_range=cfg.int8_range,
             ),
             ui,
         )
-        summary["export"] = export(ExportConfig(qpath, opath, check_data=data.path), ui)
+        summary["export"] = export(
+            ExportConfig(qpath, opath, check_data=data.path, weight_storage=cfg.weight_storage),
+            ui,
+        )
         eval_data = cfg.eval_data or data
         summary["eval_data"] = (
             str(eval_data.path)
