@@ -226,3 +226,25 @@ def test_ort_quantize_static_rejects_unknown_method(tiny, tmp_path):
 
     with pytest.raises(UsageError, match="kl"):
         ort_quantize_static(tiny[1], tmp_path / "q.onnx", [np.zeros((1, 3, 16, 16))], method="kl")
+
+
+def test_foreign_onnx_file_is_read_at_its_graph_input_size(tiny):
+    """A file made outside qcli has no input spec: the graph's fixed H x W is used."""
+    from qcli.stages.common import ModelOptions
+    from qcli.stages.evaluate import _onnx_input_spec
+
+    assert _onnx_input_spec(tiny[1], ModelOptions()).size == (16, 16)
+    flags = ModelOptions(input_overrides={"size": 32})
+    assert _onnx_input_spec(tiny[1], flags).size == (32, 32)  # a flag still wins
+
+
+def test_static_check_flags_onnxruntime_quantize_static_files(tiny, tmp_path):
+    """Peers' full-range int8 files can saturate on CPUs without VNNI: eval's static check
+    finds that on any CPU."""
+    from qcli.evaluate.ort_baseline import ort_quantize_static
+    from qcli.export.kernels import pair_sum_violations
+
+    calib = [np.random.default_rng(0).standard_normal((8, 3, 16, 16), dtype=np.float32)]
+    out = ort_quantize_static(tiny[1], tmp_path / "q.onnx", calib, method="minmax")
+    assert len(pair_sum_violations(out)) >= 2  # both regular convs (and the linear)
+    assert pair_sum_violations(tiny[1]) == []  # a float file has no integer layers

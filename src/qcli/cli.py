@@ -133,29 +133,26 @@ def _data(kw: dict) -> DataOptions | None:
     return None if path is None else DataOptions(path, opts[1], opts[0], opts[2])
 
 
-def int8_range_option(fn: Callable) -> Callable:
-    return click.option(
-        "--int8-range",
-        type=click.Choice(INT8_RANGES),
-        default="safe",
-        show_default=True,
-        help="safe: the ONNX file computes the same on every CPU (8-bit weights that x86 "
-        "CPUs without VNNI would add in saturating int16 pairs are kept within ±64; "
-        "depthwise layers keep the full grid). full: the whole int8 grid, exact only on CPUs "
-        "with AVX-512 VNNI, AVX-VNNI, AMX or ARM (an AVX2-only CPU computes something else).",
-    )(fn)
-
-
-def weight_storage_option(fn: Callable) -> Callable:
-    return click.option(
-        "--weight-storage",
-        type=click.Choice(WEIGHT_STORAGES),
-        default="int8",
-        show_default=True,
-        help="int8: every weight width in int8, run by onnxruntime's integer kernels (fast). "
-        "int4: 2-4-bit weights packed as int4 (opset 21), half the size, but onnxruntime "
-        "dequantizes them to float on every call (about 2x slower than FP32).",
-    )(fn)
+# Options shared by several commands, as ready-made decorators.
+int8_range_option = click.option(
+    "--int8-range",
+    type=click.Choice(INT8_RANGES),
+    default="safe",
+    show_default=True,
+    help="safe: the ONNX file computes the same on every CPU (8-bit weights that x86 CPUs "
+    "without VNNI would add in saturating int16 pairs stay within ±64, a few sensitive layers "
+    "keep the full grid as uint8 weights). full: the whole int8 grid, exact only on CPUs with "
+    "AVX-512 VNNI, AVX-VNNI, AMX or ARM (an AVX2-only CPU computes something else).",
+)
+weight_storage_option = click.option(
+    "--weight-storage",
+    type=click.Choice(WEIGHT_STORAGES),
+    default="int8",
+    show_default=True,
+    help="int8: every weight width in int8, run by onnxruntime's integer kernels (fast). "
+    "int4: 2-4-bit weights packed as int4 (opset 21), half the size, but onnxruntime "
+    "dequantizes them to float on every call (about 2x slower than FP32).",
+)
 
 
 def common(fn: Callable) -> Callable:

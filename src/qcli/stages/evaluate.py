@@ -110,12 +110,22 @@ def _onnx_input_spec(path: Path, opts: ModelOptions) -> InputSpec:
     except Exception as e:
         raise QcliError(f"'{path}' is not a readable ONNX model") from e
     props = {p.key: p.value for p in model.metadata_props}
-    base = (
-        InputSpec.from_dict(json.loads(props["qcli_input_spec"]))
-        if "qcli_input_spec" in props
-        else IMAGENET_SPEC
-    )
+    if "qcli_input_spec" in props:
+        base = InputSpec.from_dict(json.loads(props["qcli_input_spec"]))
+    else:  # a foreign file: ImageNet preprocessing at the size its graph input declares
+        base = IMAGENET_SPEC.with_overrides({"size": _graph_input_size(model)})
     return base.with_overrides(opts.input_overrides)
+
+
+def _graph_input_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(H, W) of a fixed-size NCHW graph input, else None."""
+    consts = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in consts]
+    if len(inputs) != 1:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    hw = [d.dim_value if d.HasField("dim_value") else 0 for d in dims][2:]
+    return (hw[0], hw[1]) if len(dims) == 4 and min(hw) > 0 else None
 
 
 def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
@@ -130,7 +140,7 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
     result: dict[str, Any] = {"target": cfg.target, "kind": target.kind}
     fn = target.fn
     if target.kind == "onnx":
-        result.update(_cpu_report(target, ui))
+        result.update(_cpu_report(target.name, Path(cfg.target), target.metadata, ui))
         if cfg.kernel_check:
             fn = KernelCheck(target.fn, cfg.threads)
     with ui.task(f"evaluate {target.kind}", total=len(ds)) as advance:
@@ -154,18 +164,17 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
     return result
 
 
-def _cpu_report(target: Target, ui: UI) -> dict[str, Any]:
+def _cpu_report(name: str, path: Path, metadata: dict[str, str], ui: UI) -> dict[str, Any]:
     """This CPU's integer-kernel class, and whether the file can saturate int16 pair sums.
 
     The second is read from the file itself (a static property), so a file that would compute
     something else on an AVX2-only CPU is flagged on any CPU, foreign files included.
     """
     cpu = kernels.cpu_kernel_class()
-    assert target.size_path is not None
-    violations = kernels.pair_sum_violations(target.size_path)
+    violations = kernels.pair_sum_violations(path)
     report: dict[str, Any] = {"cpu": cpu, "saturating_layers": len(violations)}
-    if "qcli_exact_on" in target.metadata:
-        report["exact_on"] = target.metadata["qcli_exact_on"].split(",")
+    if "qcli_exact_on" in metadata:
+        report["exact_on"] = metadata["qcli_exact_on"].split(",")
     if violations:
         where = (
             f"on this CPU ({cpu}) onnxruntime's integer kernels compute something else"
@@ -173,7 +182,7 @@ def _cpu_report(target: Target, ui: UI) -> dict[str, Any]:
             else "exact on this CPU, but x86 CPUs without VNNI compute something else"
         )
         ui.warn(
-            f"'{target.name}': {len(violations)} layer(s), e.g. '{violations[0].node}', can "
+            f"'{name}': {len(violations)} layer(s), e.g. '{violations[0].node}', can "
             f"saturate int16 pair sums of u8×s8 kernels: {where}; qcli's default "
             "--int8-range safe makes files that are exact on every CPU"
         )
