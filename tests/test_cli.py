@@ -365,3 +365,6 @@ def test_r20_w8a8_end_to_end_on_cifar(tmp_path: Path, shared_data: Path):
     assert fp > 75
     assert result["top1"] >= fp - 1.0
     assert result["agreement_with_reference"] >= 97
+    # the deployed arithmetic is the simulated one on this CPU, and on any CPU (static check)
+    assert result["saturating_layers"] == 0
+    assert result["kernel_check"]["changed_pct"] <= 1.0

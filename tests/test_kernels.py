@@ -297,3 +297,38 @@ def test_calibrate_records_widened_layers_and_export_stores_them_unsigned(
     for name in limits:
         want = onnx.TensorProto.UINT8 if name in widened else onnx.TensorProto.INT8
         assert dtypes[name.replace(".", "_") + "_weight_int"] == want, name
+
+
+def _qdq_gemm(w: np.ndarray, trans_b: int) -> onnx.ModelProto:
+    """uint8-quantized input -> Gemm with int8 QDQ weights `w` (as stored)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.uint8), "z"),
+        numpy_helper.from_array(w.astype(np.int8), "w"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+        helper.make_node("Gemm", ["xd", "wd"], ["y"], name="gemm", transB=trans_b),
+    ]
+    k = w.shape[1] if trans_b else w.shape[0]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_static_check_reads_gemm_weights_by_output_channel():
+    """Pairs run along the inputs of one output: a (in, out) weight is read by columns."""
+    w = np.array([[127, 127], [0, 0]])
+    assert [v.node for v in kernels.pair_sum_violations(_qdq_gemm(w, trans_b=1))] == ["gemm"]
+    assert kernels.pair_sum_violations(_qdq_gemm(w, trans_b=0)) == []  # columns: 127 + 0

@@ -138,14 +138,25 @@ def pair_sum_violations(model: onnx.ModelProto | str | Path) -> list[PairSumViol
         a_max = _uint8_input_max(producer, inits, n.input[0])
         if w is None or w.dtype != np.int8 or a_max is None:
             continue
-        if n.op_type == "MatMul":
-            w = w.T  # MatMul's weight is (in, out) after qcli's Transpose: channels on axis 0
+        if _weight_is_in_by_out(n, producer):
+            w = w.T  # output channels on axis 0, as max_pair_sum wants
         if n.op_type == "Conv" and _is_depthwise(n, w):
             continue
         worst = max_pair_sum(w, a_max)
         if worst > INT16_MAX:
             out.append(PairSumViolation(n.name or n.output[0], worst, a_max))
     return out
+
+
+def _weight_is_in_by_out(n: onnx.NodeProto, producer: dict) -> bool:
+    """Whether the stored weight of a MatMul/Gemm is (in, out): MatMul's, unless it reaches
+    the node through a Transpose (as qcli writes it); Gemm's unless transB is set."""
+    if n.op_type == "MatMul":
+        node = producer.get(n.input[1])
+        return node is None or node.op_type != "Transpose"
+    if n.op_type == "Gemm":
+        return not next((a.i for a in n.attribute if a.name == "transB"), 0)
+    return False
 
 
 def _is_depthwise(n: onnx.NodeProto, w: np.ndarray) -> bool:
