@@ -21,14 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from qcli.evaluate import OrtModel
+from qcli.evaluate import KernelCheck, OrtModel
 from qcli.export import kernels
 from qcli.export.onnx_qdq import to_onnx
 from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import capture
 from qcli.quant.spec import SAFE_INT8_LIMIT, BitConfig, QuantSpec, weight_spec
-from qcli.stages.evaluate import KernelCheck
 
 SATURATES_HERE = kernels.saturates(kernels.cpu_kernel_class())
 NEEDS_SATURATING_CPU = pytest.mark.skipif(

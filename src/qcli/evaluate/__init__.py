@@ -5,6 +5,14 @@
 
 from qcli.evaluate.accuracy import Accuracy, accuracy
 from qcli.evaluate.latency import LatencyStats, file_size, latency
-from qcli.evaluate.ort import OrtModel
+from qcli.evaluate.ort import KernelCheck, OrtModel
 
-__all__ = ["Accuracy", "LatencyStats", "OrtModel", "accuracy", "file_size", "latency"]
+__all__ = [
+    "Accuracy",
+    "KernelCheck",
+    "LatencyStats",
+    "OrtModel",
+    "accuracy",
+    "file_size",
+    "latency",
+]

@@ -7,6 +7,7 @@ exactly the code that measures the PyTorch simulation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -127,3 +128,30 @@ class OrtModel:
 
     def __repr__(self) -> str:
         return f"OrtModel('{self.path}', providers={self.providers})"
+
+
+class KernelCheck:
+    """Runs an ONNX file with onnxruntime's integer kernels (returned, as deployed) and with
+    its reference arithmetic (graph optimizations off), counting images whose top-1 differs.
+
+    A share near 0 means this CPU's integer arithmetic is the simulated one. The reference
+    path convolves dequantized values in float, so values within float error of a rounding
+    boundary can land one step apart: a few flips (well under 1-2%) remain even where nothing
+    saturates; a CPU whose int16 pair sums saturate changes many more.
+    """
+
+    def __init__(self, fused: OrtModel, threads: int | None = None) -> None:
+        self.fused = fused
+        self.reference = OrtModel(fused.path, threads=threads, optimize=False)
+        self.images = 0
+        self.changed = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out, ref = self.fused(x), self.reference(x)
+        self.images += int(x.shape[0])
+        self.changed += int((out.argmax(1) != ref.argmax(1)).sum())
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        pct = 100.0 * self.changed / self.images if self.images else None
+        return {"images": self.images, "changed": self.changed, "changed_pct": pct}

@@ -17,7 +17,7 @@ import torch
 
 from qcli.data import iterate
 from qcli.errors import QcliError
-from qcli.evaluate import OrtModel, accuracy, file_size, latency
+from qcli.evaluate import KernelCheck, OrtModel, accuracy, file_size, latency
 from qcli.export import kernels
 from qcli.models import IMAGENET_SPEC, InputSpec
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel, open_dataset, report_skipped
@@ -46,33 +46,6 @@ class EvalConfig:
     threads: int | None = None
     seed: int = 0
     kernel_check: bool = True
-
-
-class KernelCheck:
-    """Runs an ONNX file with onnxruntime's integer kernels (returned, as deployed) and with
-    its reference arithmetic (graph optimizations off), counting images whose top-1 differs.
-
-    A share near 0 means this CPU's integer arithmetic is the simulated one. The reference
-    path convolves dequantized values in float, so values within float error of a rounding
-    boundary can land one step apart: a few flips (well under 1-2%) remain even where nothing
-    saturates; a CPU whose int16 pair sums saturate changes many more.
-    """
-
-    def __init__(self, fused: OrtModel, threads: int | None = None) -> None:
-        self.fused = fused
-        self.reference = OrtModel(fused.path, threads=threads, optimize=False)
-        self.images = 0
-        self.changed = 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out, ref = self.fused(x), self.reference(x)
-        self.images += int(x.shape[0])
-        self.changed += int((out.argmax(1) != ref.argmax(1)).sum())
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        pct = 100.0 * self.changed / self.images if self.images else None
-        return {"images": self.images, "changed": self.changed, "changed_pct": pct}
 
 
 def resolve_target(text: str, opts: ModelOptions, threads: int | None = None) -> Target:
