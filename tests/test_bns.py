@@ -9,16 +9,10 @@ import torch
 from torch import nn
 
 from qcli.errors import QcliError, UsageError
-from qcli.methods.bns import (
-    BNInputMoments,
-    BnsSettings,
-    bn_layers,
-    channel_moments,
-    generate_bns,
-    generate_noise,
-    pixel_bounds,
-    total_steps,
-)
+from qcli.methods.generators.bn_stats import BNInputMoments, bn_layers, channel_moments
+from qcli.methods.generators.bns import BnsSettings, generate_bns, total_steps
+from qcli.methods.generators.images import pixel_bounds
+from qcli.methods.generators.noise import NoiseSettings, generate_noise
 from qcli.methods.registry import DATA_METHODS
 from qcli.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
@@ -73,7 +67,8 @@ def test_bn_loss_falls_well_below_the_noise_it_starts_from():
     net = _tiny_net()
     settings = BnsSettings(num_images=8, batch_size=8, iters=40, seed=3)
     images, metrics = generate_bns(net, SPEC, settings)
-    start, _ = generate_noise(net, SPEC, settings)  # the same seeded stream: bns's start
+    noise = NoiseSettings(settings.num_images, settings.batch_size, settings.seed)
+    start, _ = generate_noise(net, SPEC, noise)  # the same seeded stream: bns's start
     before, after = _reference_bn_loss(net, start), _reference_bn_loss(net, images)
     assert after < 0.1 * before
     assert metrics["final_bn_loss"] < 0.1 * metrics["initial_bn_loss"]
@@ -162,7 +157,7 @@ def test_hooks_see_the_input_of_timm_batchnormact():
 
 def test_noise_is_seeded_clamped_and_batched():
     steps: list[int] = []
-    settings = BnsSettings(num_images=10, batch_size=4, seed=5)
+    settings = NoiseSettings(num_images=10, batch_size=4, seed=5)
     a, metrics = generate_noise(None, SPEC, settings, progress=steps.append)
     b, _ = generate_noise(None, SPEC, settings)
     lo, hi = pixel_bounds(SPEC, torch.device("cpu"))

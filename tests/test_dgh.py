@@ -13,15 +13,16 @@ from PIL import Image
 from torch import nn
 
 from qcli.artifacts import read_dataset
-from qcli.methods.bns import BNInputMoments, bn_layers, bn_stat_loss, bn_targets, pixel_bounds
-from qcli.methods.dgh import (
-    DghSettings,
-    PlateauLR,
+from qcli.methods.generators.bn_stats import (
+    BNInputMoments,
     SetMoments,
-    generate_dgh,
-    make_pipeline,
+    bn_layers,
+    bn_stat_loss,
+    bn_targets,
     set_moments,
 )
+from qcli.methods.generators.dgh import DghSettings, PlateauLR, generate_dgh, make_pipeline
+from qcli.methods.generators.images import pixel_bounds
 from qcli.methods.registry import DATA_METHODS
 from qcli.stages.quantize import QuantizeConfig
 from test_bns import SPEC, _tiny_net

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from qcli.artifacts import read_dataset, write_dataset
 from qcli.artifacts.preview import write_preview
 from qcli.data import iterate, open_data
-from qcli.methods.bns import BnsSettings, generate_noise
-from qcli.methods.dgh import set_bn_loss
+from qcli.methods.generators.bn_stats import set_bn_loss
+from qcli.methods.generators.noise import NoiseSettings, generate_noise
 from qcli.quant.spec import BitConfig
 from qcli.stages.calibrate import CalibrateConfig, calibrate
 from qcli.stages.common import DataOptions
@@ -55,7 +55,7 @@ from suites.common import (
 CALIBRATION = "mse"  # one range-setting method for every row: only the images change
 GRIDS = BENCH / "datagen"
 # The code that makes the images: generated sets are cached by it, not by all of src/.
-GENERATOR_FILES = ("methods/bns.py", "methods/dgh.py", "stages/generate_data.py")
+GENERATOR_FILES = ("methods/generators", "stages/generate_data.py")
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,9 @@ def _describe(ctx: Context, b: Bench, source: Source, images: torch.Tensor) -> d
 def _gen_key(b: Bench, source: Source, settings: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for name in GENERATOR_FILES:
-        h.update((REPO / "src" / "qcli" / name).read_bytes())
+        path = REPO / "src" / "qcli" / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(file.read_bytes())
     text = json.dumps(
         {"model": b.model.spec, "weights": b.model.weights, "options": source.options, **settings},
         sort_keys=True,
@@ -264,7 +266,7 @@ def _redraw(b: Bench, source: str, n: int, seed: int) -> DataOptions:
             ds = open_data(b.calib.path, spec, limit=n, seed=seed)
             images = torch.cat([x for x, _ in iterate(ds, 64)])
         else:
-            settings = BnsSettings(num_images=n, batch_size=32, seed=seed)
+            settings = NoiseSettings(num_images=n, batch_size=32, seed=seed)
             images, _ = generate_noise(None, spec, settings)
         manifest = {"method": source, "seed": seed, "input_spec": spec.to_dict()}
         write_dataset(out, images, None, manifest, force=True)

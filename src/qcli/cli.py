@@ -474,10 +474,7 @@ def generate_data(
         "--no-output-loss": ("output_loss", False) if no_output_loss else None,
         "--output-loss": ("output_kind", output_kind) if output_kind else None,
     }
-    given = {flag: kv for flag, kv in flags.items() if kv is not None}
-    if given and method != "dgh":
-        raise UsageError(f"{', '.join(given)} only apply to --method dgh")
-    options = dict(given.values())
+    options = dict(kv for kv in flags.values() if kv is not None)  # the method refuses extras
     cfg = GenerateConfig(
         _model(model, kw), out, method, num_images, batch_size, iters, lr, seed, force
     )

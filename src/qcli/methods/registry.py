@@ -28,7 +28,9 @@ class DataMethod:
     name: str
     run: Callable  # (model, input spec, settings, progress) -> (images tensor, metrics dict)
     summary: str
-    settings: type | None = None  # its settings dataclass; None: the shared BnsSettings
+    settings: type  # its frozen settings dataclass, with a validate() method
+    total: Callable | None = None  # settings -> progress steps (None: no known total)
+    uses_model: bool = True  # False: the model's input spec is all it needs
 
 
 def register_calibration(name: str, summary: str, rank: int = 0, total: Callable | None = None):
@@ -39,9 +41,15 @@ def register_calibration(name: str, summary: str, rank: int = 0, total: Callable
     return wrap
 
 
-def register_data(name: str, summary: str, settings: type | None = None):
+def register_data(
+    name: str,
+    summary: str,
+    settings: type,
+    total: Callable | None = None,
+    uses_model: bool = True,
+):
     def wrap(fn: Callable) -> Callable:
-        DATA_METHODS[name] = DataMethod(name, fn, summary, settings)
+        DATA_METHODS[name] = DataMethod(name, fn, summary, settings, total, uses_model)
         return fn
 
     return wrap
@@ -49,4 +57,5 @@ def register_data(name: str, summary: str, settings: type | None = None):
 
 def load_all() -> None:
     """Import every method module so each registers itself."""
-    from qcli.methods import bns, dgh, range_setting, reconstruction  # noqa: F401
+    from qcli.methods import range_setting, reconstruction  # noqa: F401
+    from qcli.methods.generators import bns, dgh, noise  # noqa: F401

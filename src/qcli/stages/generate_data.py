@@ -36,41 +36,49 @@ class GenerateConfig:
     preview: Path | None = None
 
 
-def method_settings(cfg: GenerateConfig) -> Any:
-    """The method's settings dataclass filled from the config; unknown options are refused."""
-    from qcli.methods.bns import BnsSettings, validate_settings
+# Generic flags, by the settings field they set: a generator without the field refuses them.
+FLAGS = {
+    "iters": "--iters",
+    "lr": "--lr",
+    "aggregate": "--no-aggregate",
+    "augment": "--no-augment",
+    "output_loss": "--no-output-loss",
+    "output_kind": "--output-loss",
+}
 
+
+def method_settings(cfg: GenerateConfig) -> Any:
+    """The method's settings dataclass filled from the config; options it lacks are refused."""
     load_all()
     if cfg.method not in DATA_METHODS:
         raise UsageError(f"unknown --method {cfg.method!r}; choose from {sorted(DATA_METHODS)}")
-    cls = DATA_METHODS[cfg.method].settings or BnsSettings
+    cls = DATA_METHODS[cfg.method].settings
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg.options) - names)
+    given = {k: v for k, v in {"iters": cfg.iters, "lr": cfg.lr}.items() if v is not None}
+    unknown = [FLAGS.get(k, k) for k in [*given, *cfg.options] if k not in names]
     if unknown:
-        raise UsageError(f"--method {cfg.method} takes no setting {', '.join(unknown)}")
-    given = {"iters": cfg.iters, "lr": cfg.lr}
+        verb = "does" if len(unknown) == 1 else "do"
+        raise UsageError(f"{', '.join(unknown)} {verb} not apply to --method {cfg.method}")
     settings = cls(
         num_images=cfg.num_images,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        **{k: v for k, v in given.items() if v is not None},
+        **given,
         **cfg.options,
     )
-    validate_settings(settings, iters=cfg.method != "noise")
+    settings.validate()
     return settings
 
 
 def generate(cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
-    from qcli.methods.bns import total_steps
-
     settings = method_settings(cfg)  # bad flags fail before any file or model is touched
+    method = DATA_METHODS[cfg.method]
     prepare_output(cfg.out, cfg.force)
     if cfg.preview is not None:
         prepare_output(cfg.preview, cfg.force)
     loaded = cfg.model.load()
-    method = DATA_METHODS[cfg.method]
     module = loaded.module.to(device())
-    steps = None if cfg.method == "noise" else total_steps(settings)
+    steps = method.total(settings) if method.total else None
     start = time.perf_counter()
     with ui.task(f"generate ({cfg.method})", total=steps) as adv:
         images, metrics = method.run(module, loaded.input_spec, settings, _to_delta(adv))

@@ -27,25 +27,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcli.errors import UsageError
-from qcli.methods.bns import (
+from qcli.methods.generators.bn_stats import (
     EPS,
     BNInputMoments,
-    BnsSettings,
-    InputSpecLike,
     Moments,
-    Progress,
-    StepCounter,
-    batch_sizes,
+    SetMoments,
     bn_stat_loss,
     bn_targets,
     channels_last_on_cpu,
-    clamp_to_pixels_,
     frozen_eval,
-    init_images,
     model_device,
-    pixel_bounds,
     require_bn_layers,
-    validate_settings,
+    set_moments,
+)
+from qcli.methods.generators.images import (
+    InputSpecLike,
+    Progress,
+    StepCounter,
+    batch_sizes,
+    clamp_to_pixels_,
+    init_images,
+    pixel_bounds,
+    validate_size,
+    validate_steps,
 )
 from qcli.methods.registry import register_data
 
@@ -53,9 +57,11 @@ OUTPUT_LOSSES = ("minmax", "regularized")
 
 
 @dataclass(frozen=True)
-class DghSettings(BnsSettings):
-    """BnsSettings plus DGH's parts; defaults from MCT unless a comment says measured."""
+class DghSettings:
+    """DGH's settings; defaults from MCT unless a comment says measured."""
 
+    num_images: int = 256
+    batch_size: int = 32
     iters: int = 200
     # RAdam damps its early steps (rectification: ~0.05 x lr at step 10, ~0.3 x at step 200),
     # which is why MCT's lr is 16 and why bns's Adam lr 0.2 crawls here. Set-level BN loss
@@ -68,6 +74,7 @@ class DghSettings(BnsSettings):
     # iters/50: the loss a step sees is noisy (random crop and flip), and the short patience
     # halved the lr long before the images had converged.
     lr: float = 16.0
+    seed: int = 0
     aggregate: bool = True
     augment: bool = True
     output_loss: bool = True
@@ -85,6 +92,15 @@ class DghSettings(BnsSettings):
     # as for lr (64 images, 200 iters): set-level BN loss 0.0028 exact vs 0.0070 stale, so
     # the pass earns its time.
     exact_refresh: bool = True
+
+    def validate(self) -> None:
+        validate_size(self.num_images, self.batch_size)
+        validate_steps(self.iters, self.lr)
+        if self.output_kind not in OUTPUT_LOSSES:
+            raise UsageError(
+                f"the output loss must be one of {', '.join(OUTPUT_LOSSES)}, "
+                f"got {self.output_kind!r}"
+            )
 
 
 # ---------------------------------------------------------------- image pipeline
@@ -145,87 +161,6 @@ def make_pipeline(
         extra = min(input_spec.size) // 7
     kernel = gaussian_kernel(len(input_spec.mean), settings.smooth_sigma).to(device)
     return Pipeline(input_spec.size, extra, kernel, bounds)
-
-
-# ---------------------------------------------------------------- aggregated statistics
-
-
-class SetMoments:
-    """Cached per-channel raw moments of every batch, combined into statistics of the set.
-
-    Batch b contributes with weight n_b / N (its share of the elements), so a short last
-    batch counts for what it holds. The std comes from the aggregated second moment, never
-    from averaging per-batch stds.
-    """
-
-    def __init__(self, sizes: Sequence[int], layers: int, device: torch.device) -> None:
-        self.weights = torch.tensor(sizes, dtype=torch.float32, device=device) / sum(sizes)
-        self.mean: list[Tensor | None] = [None] * layers  # [num_batches, C] per layer
-        self.mean_sq: list[Tensor | None] = [None] * layers
-
-    @torch.no_grad()
-    def store(self, b: int, moments: Sequence[Moments | None]) -> None:
-        for i, m in enumerate(moments):
-            if m is None:
-                continue
-            if self.mean[i] is None:
-                shape = (len(self.weights), m[0].numel())
-                self.mean[i] = m[0].new_zeros(shape)
-                self.mean_sq[i] = m[0].new_zeros(shape)
-            self.mean[i][b] = m[0]
-            self.mean_sq[i][b] = m[1]
-
-    def combine(self, b: int, moments: Sequence[Moments | None]) -> list[Moments | None]:
-        """The set's moments with batch b's cached ones replaced by `moments` (with grad)."""
-        return [
-            None if m is None or self.mean[i] is None else self._swap(b, i, m)
-            for i, m in enumerate(moments)
-        ]
-
-    def total(self) -> list[Moments | None]:
-        """The set's moments from the cache alone."""
-        return [
-            None if mean is None else (self.weights @ mean, self.weights @ sq)
-            for mean, sq in zip(self.mean, self.mean_sq, strict=True)
-        ]
-
-    def _swap(self, b: int, i: int, m: Moments) -> Moments:
-        w = self.weights[b]
-        mean, sq = self.mean[i], self.mean_sq[i]
-        assert mean is not None and sq is not None
-        return (
-            self.weights @ mean - w * mean[b] + w * m[0],
-            self.weights @ sq - w * sq[b] + w * m[1],
-        )
-
-
-@torch.no_grad()
-def set_moments(
-    model: nn.Module, hooks: BNInputMoments, views: Iterable[Tensor], sizes: Sequence[int]
-) -> SetMoments:
-    """Forward each batch (no grad) and cache its moments: the set's statistics, exactly."""
-    cache = SetMoments(sizes, len(hooks.moments), model_device(model))
-    for b, x in enumerate(views):
-        hooks.clear()
-        model(x)
-        cache.store(b, hooks.moments)
-    hooks.clear()
-    return cache
-
-
-def set_bn_loss(model: nn.Module, images: Tensor, batch_size: int) -> float:
-    """BN loss of the statistics of a whole image set, computed batch by batch.
-
-    The yardstick every generator is scored with: the loss BN layers would report had
-    these images been the training set.
-    """
-    layers = require_bn_layers(model)
-    device = model_device(model)
-    batches = images.split(batch_size)
-    with frozen_eval(model), BNInputMoments(layers) as hooks:
-        views = (x.to(device) for x in batches)
-        cache = set_moments(model, hooks, views, [len(x) for x in batches])
-    return float(bn_stat_loss(cache.total(), bn_targets(layers, device)))
 
 
 # ---------------------------------------------------------------- output loss
@@ -376,19 +311,14 @@ class Run:
 def generate_dgh(
     model: nn.Module,
     input_spec: InputSpecLike,
-    settings: BnsSettings,
+    settings: DghSettings,
     progress: Progress | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Synthesize N images with DGH; returns [N, C, H, W] float32 CPU images and metrics.
 
     `progress(k)` is called after every optimization step, out of ceil(N / B) * iters.
-    Plain BnsSettings (a caller that knows only the shared fields) keep their size, steps
-    and seed and take DGH's defaults for the rest, lr included: the optimizers differ.
     """
-    if not isinstance(settings, DghSettings):
-        shared = ("num_images", "batch_size", "iters", "seed")
-        settings = DghSettings(**{k: getattr(settings, k) for k in shared})
-    validate_dgh(settings)
+    settings.validate()
     layers = require_bn_layers(model)
     device = model_device(model)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -422,15 +352,6 @@ def generate_dgh(
         "extra_pixels": pipeline.extra,
     }
     return images, metrics
-
-
-def validate_dgh(settings: DghSettings) -> None:
-    validate_settings(settings)
-    if settings.output_kind not in OUTPUT_LOSSES:
-        raise UsageError(
-            f"the output loss must be one of {', '.join(OUTPUT_LOSSES)}, "
-            f"got {settings.output_kind!r}"
-        )
 
 
 def replace_size(input_spec: InputSpecLike, extra: int) -> InputSpecLike:
@@ -498,6 +419,14 @@ def _mean_item(values: Sequence[Tensor | None]) -> float | None:
     return float(torch.stack(present).mean()) if present else None
 
 
-register_data("dgh", "DGH: set-level BN statistics, augmentations, output stretching", DghSettings)(
-    generate_dgh
-)
+def total_steps(settings: DghSettings) -> int:
+    """The `progress` total of `generate_dgh`: ceil(N / B) * iters."""
+    return len(batch_sizes(settings.num_images, settings.batch_size)) * settings.iters
+
+
+register_data(
+    "dgh",
+    "DGH: set-level BN statistics, augmentations, output stretching",
+    DghSettings,
+    total=total_steps,
+)(generate_dgh)
