@@ -27,6 +27,19 @@ from qcli.ui import RichUI
 load_all()
 
 
+class PathArg(click.Path):
+    """click.Path that refuses an empty value: Path("") is ".", which would silently read (or
+    with --force replace) the working folder."""
+
+    def convert(self, value: Any, param, ctx) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; name a file or folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+MAX_IMAGE_SIZE = 4096  # 32 images of 4096² already take 6 GB as float32
+
+
 class BitsType(click.ParamType):
     name = "BITS"
 
@@ -56,7 +69,7 @@ def model_options(fn: Callable) -> Callable:
     opts = [
         click.option(
             "--weights",
-            type=click.Path(dir_okay=False),
+            type=PathArg(dir_okay=False),
             help="Weights file (state dict) for builtin:/timm:/torchvision: models.",
         ),
         click.option("--arch", help="Architecture (a MODEL spec) for a state-dict file."),
@@ -71,7 +84,9 @@ def model_options(fn: Callable) -> Callable:
             help="Classifier size for timm:/torchvision: models.",
         ),
         click.option(
-            "--image-size", type=click.IntRange(min=8), help="Override the model's input size."
+            "--image-size",
+            type=click.IntRange(min=8, max=MAX_IMAGE_SIZE),
+            help="Override the model's input size.",
         ),
         click.option(
             "--mean", callback=_floats3, help="Override normalization mean, e.g. 0.5,0.5,0.5."
@@ -104,13 +119,13 @@ def data_options(required: bool) -> Callable:
             click.option(
                 "--data",
                 "data_path",
-                type=click.Path(path_type=Path),
+                type=PathArg(path_type=Path),
                 required=required,
                 help="Image folder (ImageFolder layout or flat) or a qcli data-set folder.",
             ),
             click.option(
                 "--class-list",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                type=PathArg(exists=True, dir_okay=False, path_type=Path),
                 help="Class ids, one per line (labels = line numbers).",
             ),
             click.option(
@@ -175,6 +190,13 @@ def run_stage(title: str, rows: Callable[[dict], list[tuple]]) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, as_json: bool = False, **kwargs):
             ui = RichUI(json_mode=as_json)
+
+            def fail(message: str, code: int) -> None:
+                ui.error(message)
+                if as_json:
+                    click.echo(dump_json({"error": message, "exit_code": code}))
+                sys.exit(code)
+
             try:
                 result = fn(*args, ui=ui, **kwargs)
                 if as_json:
@@ -182,29 +204,54 @@ def run_stage(title: str, rows: Callable[[dict], list[tuple]]) -> Callable:
                 else:
                     ui.table(title, ["", ""], rows(result))
             except QcliError as e:
-                ui.error(str(e))
-                sys.exit(e.exit_code)
+                fail(str(e), e.exit_code)
             except KeyboardInterrupt:
-                ui.error("interrupted; previous outputs are left as they were")
-                sys.exit(130)
+                fail("interrupted; previous outputs are left as they were", 130)
             except Exception as e:
                 if os.environ.get("QCLI_DEBUG"):
                     raise
-                ui.error(
-                    f"internal error {type(e).__name__}: {e} (QCLI_DEBUG=1 shows the traceback)"
-                )
-                sys.exit(1)
+                trace = "QCLI_DEBUG=1 shows the traceback"
+                fail(f"internal error {type(e).__name__}: {e} ({trace})", 1)
 
         return wrapper
 
     return deco
 
 
+def _refuse_given(params: tuple[str, ...], why: str) -> None:
+    """A flag the user typed that the chosen mode would not read is a usage error."""
+    ctx = click.get_current_context()
+    given = [
+        "--" + p.replace("_", "-")
+        for p in params
+        if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise UsageError(f"{', '.join(given)} {why}")
+
+
 def _kv(keys: list[str]) -> Callable[[dict], list[tuple]]:
     return lambda r: [(k, r.get(k)) for k in keys if k in r]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class QcliGroup(click.Group):
+    """Under --json, a usage error also prints {"error", "exit_code"} on stdout, so scripts
+    parse every outcome (stage failures do the same in `run_stage`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        wants_json = "--json" in [*ctx.args, *getattr(ctx, "_protected_args", [])]
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            if wants_json:
+                click.echo(dump_json({"error": e.format_message(), "exit_code": e.exit_code}))
+            raise
+
+
+@click.group(
+    cls=QcliGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="qcli")
 def cli() -> None:
     """Quantize PyTorch vision models to ONNX QDQ that onnxruntime runs with integer kernels.
@@ -263,7 +310,7 @@ def _mb(v) -> str:
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=PathArg(path_type=Path),
     required=True,
     help="Output folder (model.qcli, model.onnx, summary.json).",
 )
@@ -275,7 +322,7 @@ def _mb(v) -> str:
 )
 @click.option(
     "--eval-data",
-    type=click.Path(path_type=Path),
+    type=PathArg(path_type=Path),
     help="Labelled images to evaluate on (default: --data).",
 )
 @click.option(
@@ -349,6 +396,8 @@ def quantize(
 
     mo = _model(model, kw)
     data = _data(kw)
+    if data is not None:
+        _refuse_given(("num_images", "gen_iters", "gen_method"), "only apply without --data")
     ev = DataOptions(eval_data, batch_size=data.batch_size if data else 32) if eval_data else None
     cfg = QuantizeConfig(
         mo,
@@ -413,11 +462,11 @@ def quantize(
 )
 @click.option(
     "--preview",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=PathArg(dir_okay=False, path_type=Path),
     help="Also write a PNG grid of the first 64 images (de-normalized).",
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Data-set folder to write."
+    "--out", type=PathArg(path_type=Path), required=True, help="Data-set folder to write."
 )
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
@@ -541,7 +590,7 @@ def _calibrate_rows(r: dict) -> list[tuple]:
 )
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
 @int8_range_option
-@click.option("--out", type=click.Path(path_type=Path), help="Quantized-model folder (.qcli).")
+@click.option("--out", type=PathArg(path_type=Path), help="Quantized-model folder (.qcli).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
 @data_options(required=False)
@@ -626,18 +675,23 @@ def _export_rows(r: dict) -> list[tuple]:
 
 
 @cli.command()
-@click.argument("qmodel", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.argument("qmodel", type=PathArg(path_type=Path))
+@click.option("--out", type=PathArg(path_type=Path), required=True, help="ONNX file to write.")
 @click.option(
     "--check-data",
-    type=click.Path(path_type=Path),
+    type=PathArg(path_type=Path),
     help="Images for the onnxruntime check (default: the calibration data).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--weights",
+    type=PathArg(exists=True, dir_okay=False, path_type=Path),
+    help="The weights (or model) file the .qcli was made from, if it moved since.",
+)
 @weight_storage_option
 @common
 @run_stage("qcli export", lambda r: _export_rows(r))
-def export(qmodel, out, check_data, force, weight_storage, seed, ui):
+def export(qmodel, out, check_data, force, weights, weight_storage, seed, ui):
     """Write a .qcli folder as ONNX QDQ and check onnxruntime against the simulation.
 
     The check runs onnxruntime twice, with its integer kernels and with its reference
@@ -654,7 +708,7 @@ def export(qmodel, out, check_data, force, weight_storage, seed, ui):
     if not qmodel.exists():
         raise QcliError(f"quantized model '{qmodel}' does not exist")
     cfg = ExportConfig(qmodel, out, check_data, force=force, seed=seed)
-    return run(dataclasses.replace(cfg, weight_storage=weight_storage), ui)
+    return run(dataclasses.replace(cfg, weight_storage=weight_storage, weights=weights), ui)
 
 
 # -- eval -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,7 +22,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-Advance = Callable[[int], None]
+# advance(n) moves a task's bar by n; advance(n, label) also renames the task (e.g. which
+# reconstruction unit runs now).
+Advance = Callable[..., None]
 
 
 class UI:
@@ -29,7 +32,7 @@ class UI:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield lambda n=1, label=None: None
 
     def info(self, message: str) -> None:
         pass
@@ -48,6 +51,7 @@ class RichUI(UI):
     def __init__(self, json_mode: bool = False) -> None:
         self.err = Console(stderr=True)
         self.out = self.err if json_mode else Console()
+        self._warned: set[str] = set()
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
@@ -60,17 +64,27 @@ class RichUI(UI):
         ]
         with Progress(*columns, console=self.err, transient=False) as progress:
             tid = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(tid, n)
+
+            def advance(n: int = 1, label: str | None = None) -> None:
+                if label is not None:
+                    progress.update(tid, description=f"{description}: {label}")
+                progress.advance(tid, n)
+
+            yield advance
 
     def info(self, message: str) -> None:
         self.err.print(message, soft_wrap=True, highlight=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
+        """Once per message: chained stages (quantize) load the same model several times."""
+        if message in self._warned:
+            return
+        self._warned.add(message)
+        self.err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
     def error(self, message: str) -> None:
         """One unwrapped line, so file names stay whole for people and for grep."""
-        self.err.print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
+        self.err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
         t = Table(title=title, title_justify="left")

@@ -12,15 +12,26 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qcli.errors import QcliError
+from qcli.errors import QcliError, UsageError
 
 
-def prepare_output(path: Path, force: bool) -> None:
-    """Fail early (before any work) if `path` cannot be written; create missing parents."""
+def prepare_output(
+    path: Path,
+    force: bool,
+    inputs: Mapping[str, str | Path | None] | None = None,
+    flag: str = "--out",
+) -> None:
+    """Fail early (before any work) if `path` cannot be written; create missing parents.
+
+    Refused, naming `flag`: an empty name, `.`/`..`, the working folder or one above it, and
+    an output that is, holds or sits inside one of the `inputs` ({flag: path}): replacing it
+    with --force would delete what the run reads.
+    """
+    check_output_path(path, flag, inputs or {})
     path = Path(path)
     if os.path.lexists(path) and not force:  # lexists: False (not an error) when unreadable
         raise QcliError(f"output '{path}' exists; pass --force to replace it")
@@ -33,6 +44,38 @@ def prepare_output(path: Path, force: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise QcliError(f"cannot write to '{path.parent}': {exc.strerror}") from exc
+    _probe_writable(path.parent)
+
+
+def check_output_path(path: str | Path, flag: str, inputs: Mapping[str, str | Path | None]) -> None:
+    """The naming rules of `prepare_output`, without touching the file system."""
+    text = str(path)
+    if not text.strip() or Path(text).name in ("", ".", ".."):
+        raise UsageError(f"{flag} {text!r} does not name a file or folder to write")
+    out = Path(os.path.realpath(text))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if out == cwd or out in cwd.parents:
+        raise UsageError(f"{flag} '{text}' is the working folder or holds it; name a new one")
+    for input_flag, value in inputs.items():
+        if value is None or not str(value):
+            continue
+        source = Path(os.path.realpath(value))
+        if out == source or source in out.parents or out in source.parents:
+            where = "is" if out == source else ("sits inside" if source in out.parents else "holds")
+            raise UsageError(
+                f"{flag} '{text}' {where} {input_flag} '{value}': writing it would replace "
+                "what this run reads; choose another output"
+            )
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create and remove a file: permission bits say yes on /proc, sysfs and read-only mounts."""
+    probe = folder / f".qcli-probe-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise QcliError(f"cannot write to '{folder}': {exc.strerror or exc}") from exc
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -56,6 +99,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
         yield tmp
         if not tmp.is_file():
             raise QcliError(f"nothing was written for '{path}'")
+        _set_mode(tmp)
         _fsync_file(tmp)
         _swap_in(tmp, path)
     finally:
@@ -71,6 +115,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        for entry in [tmp, *tmp.rglob("*")]:
+            _set_mode(entry)
         for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
             _fsync_file(file)
         _fsync_dir(tmp)
@@ -94,6 +140,21 @@ def _swap_in(new: Path, path: Path) -> None:
     else:
         os.replace(new, path)
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(path: Path) -> None:
+    """One mode for every output, whatever wrote it (safetensors writes 0600): 0666 for
+    files and 0777 for folders, less the user's umask, as open() and mkdir() give."""
+    if path.is_symlink():
+        return
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
 
 
 def _remove(path: Path) -> None:

@@ -97,6 +97,12 @@ def read_dataset(path: Path) -> StoredDataset:
         start += block.shape[0]
     if start != num:
         raise QcliError(f"data set '{path}' holds {start} images but its manifest says {num}")
+    bad = (~torch.isfinite(images)).flatten(1).any(1)
+    if bool(bad.any()):
+        raise QcliError(
+            f"data set '{path}' holds NaN/Inf values in {int(bad.sum())} image(s), "
+            f"e.g. image {int(bad.nonzero()[0, 0])}"
+        )
     labels = None
     if manifest.get("labels"):
         label_array = _load_npy(path, "labels.npy", np.int64)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -51,7 +52,7 @@ class ImageTransform:
 
         spec = self.spec
         mode = InterpolationMode(spec.interpolation)
-        image = image.convert("RGB")
+        image = to_rgb8(image)
         if spec.resize is not None:
             image = F.resize(image, [spec.resize], interpolation=mode)
         if spec.crop:
@@ -62,6 +63,20 @@ class ImageTransform:
         mean = torch.tensor(spec.mean).view(3, 1, 1)
         std = torch.tensor(spec.std).view(3, 1, 1)
         return x.sub_(mean).div_(std)
+
+
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit grayscale is scaled down (PIL's convert would clip it to white)."""
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        # "I" holds 16-bit PNGs on some Pillow versions, 8-bit data only after manual edits
+        if image.mode != "I" or values.max(initial=0) > 255:
+            values = values / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def read_class_list(path: Path) -> list[str]:

@@ -36,6 +36,9 @@ class Accuracy:
         default_factory=lambda: torch.empty(0, dtype=torch.long), repr=False
     )
     reference_predictions: torch.Tensor | None = field(default=None, repr=False)
+    classes: int = 0  # the model's output width
+    max_label: int = -1  # the largest label seen (-1: unlabelled)
+    nonfinite_images: int = 0  # images whose logits hold NaN/Inf
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary; the per-image predictions stay out of it."""
@@ -85,11 +88,15 @@ def accuracy(
     """
     preds: list[torch.Tensor] = []
     ref_preds: list[torch.Tensor] = []
-    top1 = top5 = labeled = done = 0
+    top1 = top5 = labeled = done = nonfinite = 0
+    classes, max_label = 0, -1
     with torch.no_grad():
         for x, y in batches:
             logits = _logits(fn, x)
             labels = torch.as_tensor(y, dtype=torch.long).reshape(-1)
+            classes = logits.shape[1]
+            max_label = max(max_label, int(labels.max()) if labels.numel() else -1)
+            nonfinite += int((~torch.isfinite(logits)).any(dim=1).sum())
             pred = logits.argmax(dim=1)
             mask = labels >= 0
             top1 += int((pred[mask] == labels[mask]).sum())
@@ -101,7 +108,9 @@ def accuracy(
             done += len(pred)
             if progress is not None:
                 progress(len(pred))
-    return _summarize(preds, ref_preds, top1, top5, labeled, done, reference_fn is not None)
+    result = _summarize(preds, ref_preds, top1, top5, labeled, done, reference_fn is not None)
+    result.classes, result.max_label, result.nonfinite_images = classes, max_label, nonfinite
+    return result
 
 
 def _summarize(

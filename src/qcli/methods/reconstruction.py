@@ -348,7 +348,11 @@ for _name, _summary, _rank in (
     ("qdrop", "BRECQ with activation quantization randomly dropped (QDrop)", 6),
 ):
     register_calibration(
-        _name, _summary, _rank, total=lambda qg, n, st, m=_name: total_steps(qg, m, st)
+        _name,
+        _summary,
+        _rank,
+        total=lambda qg, n, st, m=_name: total_steps(qg, m, st),
+        settings=frozenset(f.name for f in fields(ReconSettings)),
     )(_method(_name))
 
 

@@ -21,6 +21,7 @@ class CalibrationMethod:
     rank: int  # higher is better; `quantize` picks the best available
     # (qgraph, number of images, settings) -> progress steps; None: one step per image
     total: Callable | None = None
+    settings: frozenset[str] = frozenset()  # the settings it reads; others are an error
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,15 @@ class DataMethod:
     uses_model: bool = True  # False: the model's input spec is all it needs
 
 
-def register_calibration(name: str, summary: str, rank: int = 0, total: Callable | None = None):
+def register_calibration(
+    name: str,
+    summary: str,
+    rank: int = 0,
+    total: Callable | None = None,
+    settings: frozenset[str] = frozenset(),
+):
     def wrap(fn: Callable) -> Callable:
-        CALIBRATION_METHODS[name] = CalibrationMethod(name, fn, summary, rank, total)
+        CALIBRATION_METHODS[name] = CalibrationMethod(name, fn, summary, rank, total, settings)
         return fn
 
     return wrap

@@ -12,7 +12,7 @@ import pickle
 import warnings
 import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,11 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
-    """A ready model: eval mode, float32, CPU; `pretrained` is False for random weights."""
+    """A ready model: eval mode, float32, CPU; `pretrained` is False for random weights.
+
+    `warnings` are things that still run but likely give meaningless numbers (random or
+    untrained weights); stages print them.
+    """
 
     module: nn.Module
     input_spec: InputSpec
@@ -151,6 +155,12 @@ class LoadedModel:
     checksum: str
     name: str
     pretrained: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def scripted(self) -> bool:
+        """TorchScript: it runs, but has no Python graph for qcli to capture and quantize."""
+        return isinstance(self.module, torch.jit.ScriptModule)
 
 
 def load_model(
@@ -170,7 +180,46 @@ def load_model(
             )
         loaded = _load_file(source, input_overrides)
     loaded.module = loaded.module.float().eval()
+    what = f"weights file '{source.weights}'" if source.weights else f"model '{source.spec}'"
+    check_finite(loaded.module, what)
+    loaded.warnings += _suspicious(loaded)
     return loaded
+
+
+def check_finite(module: nn.Module, what: str) -> None:
+    """NaN/Inf weights would run and give garbage (all-NaN images, chance accuracy, empty
+    ranges): refuse them once, at load, naming the tensor."""
+    for key, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            layer = key.rpartition(".")[0] or key
+            raise QcliError(
+                f"{what} holds {bad} NaN/Inf value(s) in layer '{layer}' ('{key}'); "
+                "qcli needs finite weights"
+            )
+
+
+def _suspicious(loaded: LoadedModel) -> list[str]:
+    """Random weights, or BatchNorm statistics still at their initial values."""
+    if not loaded.pretrained:
+        return [
+            f"{loaded.source.spec} has random weights (no --weights given): its accuracy "
+            "and every quantized result are meaningless; pass --weights FILE"
+        ]
+    bns = [
+        m
+        for m in loaded.module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
+    initial = bns and all(
+        bool((m.running_mean == 0).all() and (m.running_var == 1).all()) for m in bns
+    )
+    if initial:
+        return [
+            f"every BatchNorm of {loaded.source.weights or loaded.source.spec} still has its "
+            "initial statistics (mean 0, variance 1): the weights look untrained"
+        ]
+    return []
 
 
 def family_of(spec: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from qcli.artifacts import prepare_output
+from qcli.errors import UsageError
 from qcli.methods.chain import float_twin
 from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
 from qcli.methods.range_setting import fit_bias_grids
@@ -24,6 +26,7 @@ from qcli.stages.common import (
     image_batches,
     open_dataset,
     report_skipped,
+    require_python_module,
     save_qmodel,
 )
 from qcli.ui import UI
@@ -45,11 +48,36 @@ class CalibrateConfig:
     int8_range: str = "safe"  # 'full': the whole int8 weight grid, exact only where VNNI/ARM
 
 
-def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
+# The flag that sets each method setting, for messages.
+SETTING_FLAGS = {
+    "iters": "--iters",
+    "drop_prob": "--drop-prob",
+    "fisher": "--fisher",
+    "granularity": "--granularity",
+}
+
+
+def check_settings(method: str, settings: dict[str, Any]) -> None:
+    """A setting the method does not read is a usage error, not silently ignored."""
     load_all()
-    prepare_output(cfg.out, cfg.force)
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"unknown --method {method!r}; choose from {sorted(CALIBRATION_METHODS)}")
+    accepted = CALIBRATION_METHODS[method].settings | {"seed"}
+    extra = [SETTING_FLAGS.get(k, k) for k in settings if k not in accepted]
+    if extra:
+        kind = "a reconstruction method" if not accepted - {"seed"} else "another method"
+        raise UsageError(
+            f"{', '.join(extra)} {'does' if len(extra) == 1 else 'do'} not apply to "
+            f"--method {method} (it belongs to {kind}: adaround, adaquant, brecq, qdrop)"
+        )
+
+
+def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
+    check_settings(cfg.method, cfg.settings)
+    prepare_output(cfg.out, cfg.force, inputs={**cfg.data.input_files(), **cfg.model.input_files()})
     torch.manual_seed(cfg.seed)
-    loaded = cfg.model.load()
+    loaded = cfg.model.load(ui)
+    require_python_module(loaded, "calibrate")
     ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
     qg = capture(
         loaded.module,
@@ -86,7 +114,7 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
             "bias_tune": cfg.bias_tune,
         },
         "calibration": {
-            "data": str(cfg.data.path),
+            "data": os.path.abspath(cfg.data.path),
             "images": metrics.get("images"),
             "skipped": skipped,
             "seed": cfg.seed,
@@ -156,7 +184,8 @@ def show_units_of(cfg: CalibrateConfig, granularity: str | None, ui: UI) -> dict
     """The units a reconstruction method would tune, without tuning anything."""
     from qcli.methods.reconstruction import PRESETS, describe_units
 
-    loaded = cfg.model.load()
+    loaded = cfg.model.load(ui)
+    require_python_module(loaded, "reconstruct")
     qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.bits, cfg.keep_fp)
     g = granularity or PRESETS.get(cfg.method, {}).get("granularity", "block")
     units = describe_units(qg, g)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from qcli.artifacts import read_qmodel, write_qmodel
 from qcli.data import iterate, open_data
 from qcli.errors import QcliError
 from qcli.models import InputSpec, LoadedModel, ModelSource, load_model
+from qcli.models.spec import family_of
 from qcli.quant.capture import QuantGraph, capture
 from qcli.quant.spec import BitConfig, QuantSpec
 from qcli.ui import UI
@@ -36,10 +40,36 @@ class ModelOptions:
     input_overrides: dict[str, Any] = field(default_factory=dict)
 
     def source(self) -> ModelSource:
-        return ModelSource(self.spec, self.weights, self.arch, self.trust_pickle, self.num_classes)
+        """Files as absolute paths: a .qcli records them, and is used from other folders."""
+        spec = self.spec if family_of(self.spec) else _absolute(self.spec)
+        weights = _absolute(self.weights) if self.weights else None
+        return ModelSource(spec, weights, self.arch, self.trust_pickle, self.num_classes)
 
-    def load(self) -> LoadedModel:
-        return load_model(self.source(), self.input_overrides)
+    def load(self, ui: UI | None = None) -> LoadedModel:
+        loaded = load_model(self.source(), self.input_overrides)
+        for message in loaded.warnings:
+            if ui is not None:
+                ui.warn(message)
+        return loaded
+
+    def input_files(self) -> dict[str, str | None]:
+        """The files this model is read from, by flag: no output may replace them."""
+        return {"--weights": self.weights, "MODEL": None if family_of(self.spec) else self.spec}
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path) if path else path
+
+
+def require_python_module(loaded: LoadedModel, what: str) -> None:
+    """Quantizing captures the model's Python graph, which TorchScript does not keep."""
+    if loaded.scripted:
+        raise QcliError(
+            f"'{loaded.source.spec}' is a TorchScript model: qcli can evaluate it (qcli eval) "
+            f"but cannot {what} it, since that needs the Python module; save its state dict "
+            "(torch.save(model.state_dict(), 'w.pt')) and pass 'w.pt --arch ARCH', or save the "
+            "module itself with torch.save(model) and pass --trust-pickle"
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,9 @@ class DataOptions:
     limit: int | None = None
     class_list: Path | None = None
     batch_size: int = 32
+
+    def input_files(self, flag: str = "--data") -> dict[str, Path | None]:
+        return {flag: self.path, "--class-list": self.class_list}
 
 
 def device() -> torch.device:
@@ -120,9 +153,10 @@ class QModel:
     source: ModelSource
 
 
-def load_qmodel(path: Path) -> QModel:
+def load_qmodel(path: Path, weights: str | Path | None = None) -> QModel:
     """Rebuild the simulation: reload the source model, re-capture, load the stored tensors.
 
+    `weights` points at the source's weights (or model) file when it moved since calibration.
     The source's checksum must match: a .qcli made from other weights would silently pair
     calibrated scales with the wrong network.
     """
@@ -133,6 +167,7 @@ def load_qmodel(path: Path) -> QModel:
         bits = BitConfig.parse(manifest["bits"])
     except (KeyError, TypeError) as e:
         raise QcliError(f"quantized model '{path}' has an incomplete manifest ({e})") from e
+    source = _locate_source(path, source, weights)
     loaded = load_model(source, spec.to_dict())
     if loaded.checksum != manifest.get("checksum"):
         raise QcliError(
@@ -167,5 +202,39 @@ def load_qmodel(path: Path) -> QModel:
     return QModel(qg, manifest, spec, source)
 
 
+def source_files(source: ModelSource) -> dict[str, str | None]:
+    """The files a recorded source is read from, by the flag that overrides them."""
+    return {
+        "--weights": source.weights if family_of(source.spec) else source.spec,
+    }
+
+
+def _locate_source(path: Path, source: ModelSource, weights: str | Path | None) -> ModelSource:
+    """The recorded source, with its file replaced by `weights`; a clear error if missing."""
+    named = family_of(source.spec) is not None
+    if weights is not None:
+        file = os.path.abspath(weights)
+        return dataclasses.replace(source, **({"weights": file} if named else {"spec": file}))
+    recorded = source.weights if named else source.spec
+    if recorded and not Path(recorded).exists():
+        raise QcliError(
+            f"quantized model '{path}' was made from '{recorded}', which does not exist "
+            "(moved, or recorded relative to another folder); pass --weights FILE to point "
+            "at it (its checksum must match)"
+        )
+    return source
+
+
 def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
+    """Strict JSON: NaN and Inf (a diverged loss) become null, which every parser reads."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

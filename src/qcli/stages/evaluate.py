@@ -48,17 +48,19 @@ class EvalConfig:
     kernel_check: bool = True
 
 
-def resolve_target(text: str, opts: ModelOptions, threads: int | None = None) -> Target:
+def resolve_target(
+    text: str, opts: ModelOptions, threads: int | None = None, ui: UI | None = None
+) -> Target:
     path = Path(text)
     if path.suffix == ".onnx" or (path.is_file() and _is_onnx(path)):
         ort_model = OrtModel(path, threads=threads)
         meta = ort_model.session.get_modelmeta().custom_metadata_map
         return Target(text, "onnx", ort_model, _onnx_input_spec(path, opts), path, dict(meta))
     if path.is_dir() and (path / "manifest.json").is_file():
-        qm = load_qmodel(path)
+        qm = load_qmodel(path, opts.weights)
         module = qm.graph.module.eval()
         return Target(text, "qcli", _no_grad(module), qm.input_spec, path)
-    loaded = replace(opts, spec=text).load()
+    loaded = replace(opts, spec=text).load(ui)
     weights = Path(loaded.source.weights) if loaded.source.weights else None
     size_path = weights if weights else (path if path.is_file() else None)
     return Target(text, "model", _no_grad(loaded.module), loaded.input_spec, size_path)
@@ -102,8 +104,8 @@ def _graph_input_size(model: onnx.ModelProto) -> tuple[int, int] | None:
 
 
 def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
-    target = resolve_target(cfg.target, cfg.model, cfg.threads)
-    reference = resolve_target(cfg.reference, cfg.model, cfg.threads) if cfg.reference else None
+    target = resolve_target(cfg.target, cfg.model, cfg.threads, ui)
+    reference = resolve_target(cfg.reference, cfg.model, cfg.threads, ui) if cfg.reference else None
     if reference is not None and reference.input_spec.size != target.input_spec.size:
         raise QcliError(
             f"--reference '{cfg.reference}' expects {reference.input_spec.size} images but "
@@ -124,6 +126,7 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
             progress=advance,
         )
     result.update(acc.to_dict())
+    _warn_suspicious(acc, cfg, ui)
     if isinstance(fn, KernelCheck):
         result["kernel_check"] = fn.to_dict()
     result["skipped_images"] = report_skipped(ds, ui)
@@ -135,6 +138,20 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
             stats = latency(target.fn, shape, batch_sizes=(1, 64))
         result["latency_ms"] = {b: round(s.median * 1000, 3) for b, s in stats.items()}
     return result
+
+
+def _warn_suspicious(acc: Any, cfg: EvalConfig, ui: UI) -> None:
+    """Numbers that are computed but cannot mean what they seem to."""
+    if acc.max_label >= acc.classes > 0:
+        ui.warn(
+            f"labels of '{cfg.data.path}' go up to {acc.max_label} but '{cfg.target}' outputs "
+            f"{acc.classes} classes: top-1 cannot be right (wrong data set or --class-list?)"
+        )
+    if acc.nonfinite_images:
+        ui.warn(
+            f"'{cfg.target}' gave NaN/Inf logits on {acc.nonfinite_images} of {acc.n_images} "
+            "images: their predictions are meaningless"
+        )
 
 
 def _cpu_report(name: str, path: Path, metadata: dict[str, str], ui: UI) -> dict[str, Any]:

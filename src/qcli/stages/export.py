@@ -19,12 +19,15 @@ import onnx
 import torch
 
 from qcli.artifacts import atomic_file, prepare_output
+from qcli.artifacts.atomic import read_manifest
+from qcli.artifacts.qmodel import FORMAT, FORMAT_VERSION
 from qcli.data import iterate, open_data
-from qcli.errors import QcliError
+from qcli.errors import QcliError, UsageError
 from qcli.evaluate import OrtModel
 from qcli.export import kernels
 from qcli.export.onnx_qdq import to_onnx
-from qcli.stages.common import QModel, load_qmodel
+from qcli.models import ModelSource
+from qcli.stages.common import QModel, load_qmodel, source_files
 from qcli.ui import UI
 
 # onnxruntime's integer kernels requantize with float multipliers, so a value within float
@@ -33,7 +36,13 @@ from qcli.ui import UI
 # top-1 flips on an image whose decision was clear (the simulation's margin between its class
 # and onnxruntime's exceeds this share of the range). Flips between near-tied classes are
 # reported, not fatal: generated calibration images often have such ties.
+# One-step flips cascade further below 8-bit activations (honest EfficientNet-Lite0 w4a4
+# exports reach 9.7% of the range over 32 images); at 8-bit activations honest exports stay
+# within 2.6% (r20 within 1%), and corruptions between 5% and 10% are real: every activation
+# quantizer left out of the file (6-9%), an input zero point off by 20 steps (8-9%). Measured
+# negative controls: tests/test_gate.py.
 MAX_RELATIVE_ERROR = 0.10
+MAX_RELATIVE_ERROR_A8 = 0.05
 DECISIVE_MARGIN = 0.05
 
 
@@ -46,11 +55,17 @@ class ExportConfig:
     force: bool = False
     seed: int = 0
     weight_storage: str = "int8"
+    weights: Path | None = None  # the source's weights file, when it moved since calibration
 
 
 def export(cfg: ExportConfig, ui: UI) -> dict[str, Any]:
-    prepare_output(cfg.out, cfg.force)
-    qm = load_qmodel(cfg.qmodel)
+    if cfg.check_data is not None and not Path(cfg.check_data).is_dir():
+        raise UsageError(f"--check-data '{cfg.check_data}' is not a folder of images")
+    manifest = read_manifest(cfg.qmodel, FORMAT, FORMAT_VERSION, "quantized model")
+    inputs = {"QMODEL": cfg.qmodel, "--check-data": cfg.check_data, "--weights": cfg.weights}
+    inputs |= {f"its source model file ({k})": v for k, v in _recorded_files(manifest).items()}
+    prepare_output(cfg.out, cfg.force, inputs=inputs)
+    qm = load_qmodel(cfg.qmodel, cfg.weights)
     model = to_onnx(qm.graph, cfg.weight_storage)
     _add_metadata(model, qm)
     try:
@@ -100,6 +115,13 @@ def export(cfg: ExportConfig, ui: UI) -> dict[str, Any]:
     }
 
 
+def _recorded_files(manifest: dict[str, Any]) -> dict[str, str | None]:
+    try:
+        return source_files(ModelSource.from_dict(manifest["source"]))
+    except (KeyError, TypeError, AttributeError):
+        return {}  # load_qmodel names what is missing
+
+
 def _add_metadata(model: onnx.ModelProto, qm: QModel) -> None:
     """The input spec travels with the file so `qcli eval` can preprocess images for it."""
     props = {
@@ -134,12 +156,17 @@ def compare_with_simulation(
     runs = {"reference": OrtModel(onnx_path, optimize=False)}
     if fused:
         runs["integer kernels"] = OrtModel(onnx_path)
-    reports = {k: agreement_report(sim, torch.as_tensor(np.asarray(m(x)))) for k, m in runs.items()}
+    tol = MAX_RELATIVE_ERROR_A8 if qm.graph.bits.activation >= 8 else MAX_RELATIVE_ERROR
+    reports = {
+        k: agreement_report(sim, torch.as_tensor(np.asarray(m(x))), tol) for k, m in runs.items()
+    }
     worst = max(reports.values(), key=lambda r: (not r["ok"], r["disagreement_pct"]))
     return {**worst, "runs": reports}
 
 
-def agreement_report(sim: torch.Tensor, ort_out: torch.Tensor) -> dict[str, Any]:
+def agreement_report(
+    sim: torch.Tensor, ort_out: torch.Tensor, max_relative_error: float = MAX_RELATIVE_ERROR
+) -> dict[str, Any]:
     diff = float((ort_out - sim).abs().max())
     rng = float(sim.max() - sim.min()) or 1.0
     sim_top, ort_top = sim.argmax(1), ort_out.argmax(1)
@@ -152,5 +179,6 @@ def agreement_report(sim: torch.Tensor, ort_out: torch.Tensor) -> dict[str, Any]
         "decisive_flips": int(decisive.sum()),
         "max_abs_diff": diff,
         "logit_range": rng,
-        "ok": int(decisive.sum()) == 0 and diff <= MAX_RELATIVE_ERROR * rng,
+        "max_relative_error": max_relative_error,
+        "ok": int(decisive.sum()) == 0 and diff <= max_relative_error * rng,
     }

@@ -13,9 +13,9 @@ import torch
 from qcli import __version__
 from qcli.artifacts import prepare_output, write_dataset
 from qcli.artifacts.preview import write_preview
-from qcli.errors import UsageError
+from qcli.errors import QcliError, UsageError
 from qcli.methods.registry import DATA_METHODS, load_all
-from qcli.stages.common import ModelOptions, device
+from qcli.stages.common import ModelOptions, device, require_python_module
 from qcli.ui import UI
 
 DEFAULT_METHOD = "dgh"
@@ -73,10 +73,13 @@ def method_settings(cfg: GenerateConfig) -> Any:
 def generate(cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
     settings = method_settings(cfg)  # bad flags fail before any file or model is touched
     method = DATA_METHODS[cfg.method]
-    prepare_output(cfg.out, cfg.force)
+    inputs = cfg.model.input_files()
+    prepare_output(cfg.out, cfg.force, inputs=inputs)
     if cfg.preview is not None:
-        prepare_output(cfg.preview, cfg.force)
-    loaded = cfg.model.load()
+        prepare_output(cfg.preview, cfg.force, inputs=inputs, flag="--preview")
+    loaded = cfg.model.load(ui)
+    if method.uses_model:
+        require_python_module(loaded, "generate data from")
     module = loaded.module.to(device())
     steps = method.total(settings) if method.total else None
     start = time.perf_counter()
@@ -96,6 +99,12 @@ def generate(cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
         "metrics": {**metrics, "seconds": seconds},
     }
     images = images.to(torch.float32).cpu()
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if bad:
+        raise QcliError(
+            f"generation diverged: {bad} of {images.shape[0]} images hold NaN/Inf values "
+            f"({cfg.method}); try a lower --lr; nothing was written"
+        )
     write_dataset(cfg.out, images, None, manifest, cfg.force)
     result = {
         "out": str(cfg.out),

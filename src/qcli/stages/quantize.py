@@ -8,15 +8,17 @@ end, so an interrupted run leaves the previous output intact.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qcli.artifacts import atomic_dir, prepare_output
 from qcli.artifacts.atomic import write_manifest
+from qcli.errors import QcliError
 from qcli.methods.registry import CALIBRATION_METHODS, load_all
 from qcli.quant.spec import BitConfig
-from qcli.stages.calibrate import CalibrateConfig, calibrate
+from qcli.stages.calibrate import CalibrateConfig, calibrate, check_settings
 from qcli.stages.common import DataOptions, ModelOptions
 from qcli.stages.evaluate import EvalConfig, evaluate
 from qcli.stages.export import ExportConfig, export
@@ -58,8 +60,17 @@ def best_method(bits: BitConfig) -> str:
 
 
 def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
-    prepare_output(cfg.out, cfg.force)
     method = cfg.method or best_method(cfg.bits)
+    check_settings(method, {"iters": cfg.iters} if cfg.iters else {})
+    inputs = {**cfg.model.input_files()}
+    if cfg.data is not None:
+        inputs |= cfg.data.input_files()
+    if cfg.eval_data is not None:
+        inputs |= cfg.eval_data.input_files("--eval-data")
+    for flag, opts in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if opts is not None and not Path(opts.path).is_dir():
+            raise QcliError(f"{flag} '{opts.path}' is not a folder")  # before minutes of work
+    prepare_output(cfg.out, cfg.force, inputs=inputs)
     summary: dict[str, Any] = {
         "model": cfg.model.spec,
         "bits": str(cfg.bits),
@@ -136,10 +147,15 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
 
 
 def _relocate(obj: Any, old: Path, new: Path) -> None:
-    """Rewrite, in place, every string path under `old` to lie under `new`."""
+    """Rewrite, in place, every string path under `old` to lie under `new` (as typed, and
+    absolute: stages record some paths absolute)."""
+    pairs = [(str(old), str(new)), (os.path.abspath(old), os.path.abspath(new))]
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if isinstance(v, str) and v.startswith(str(old)):
-                obj[k] = str(new) + v[len(str(old)) :]
+            if isinstance(v, str):
+                for a, b in pairs:
+                    if v == a or v.startswith(a + os.sep):
+                        obj[k] = b + v[len(a) :]
+                        break
             else:
                 _relocate(v, old, new)
