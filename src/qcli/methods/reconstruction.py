@@ -30,6 +30,7 @@ from qcli.errors import UsageError
 from qcli.methods.chain import Chain, run_batched, units_to_tune
 from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
 from qcli.methods.registry import register_calibration
+from qcli.quant import primitives as P
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.partition import GRANULARITIES, Unit, unit_module
@@ -224,11 +225,12 @@ def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progre
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.iters, eta_min=0.0)
     layers, acts = _unit_parts(module)
     n = xq.shape[0]
+    mask_gen = _mask_generator(generator, device) if s.drop_prob > 0 and xf is not None else None
     for step in range(s.iters):
         idx = torch.randint(n, (min(s.batch_size, n),), generator=generator)
         x = xq[idx].to(device, torch.float32)
-        if s.drop_prob > 0 and xf is not None:
-            keep_float = torch.rand(x.shape, generator=generator).to(device) < s.drop_prob
+        if mask_gen is not None:
+            keep_float = P.random_mask(x.shape, s.drop_prob, device, generator=mask_gen)
             x = torch.where(keep_float, xf[idx].to(device, torch.float32), x)
         w = fisher[idx].to(device, torch.float32) if fisher is not None else None
         loss = reconstruction_loss(module(x), y[idx].to(device, torch.float32), w)
@@ -242,6 +244,15 @@ def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progre
         _keep_scales_positive(layers, acts)
         if progress:
             progress(1)
+
+
+def _mask_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on the device QDrop's input masks are drawn on (drawing them on the CPU and
+    copying them over costs a transfer per step), seeded from the run's generator."""
+    if generator.device == device:
+        return generator
+    seed = int(torch.randint(2**62, (), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @torch.no_grad()

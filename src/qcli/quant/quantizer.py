@@ -25,7 +25,11 @@ class Quantizer(nn.Module):
     `scale` is an nn.Parameter (frozen by default) so LSQ-style methods can learn it.
     `drop_prob` > 0 (QDrop, during reconstruction only) keeps each element in float with that
     probability, so the unit learns to be robust to its neighbours' quantization noise.
+    `fused` False selects the composed elementwise graph and float32 `rand_like` masks: the
+    reference that tests and `benchmarks/engine_profile.py` compare the fused path against.
     """
+
+    fused = True  # a class default, so quantizers pickled before it existed still load
 
     def __init__(self, spec: QuantSpec, channels: int | None = None) -> None:
         super().__init__()
@@ -57,10 +61,18 @@ class Quantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        keep = None  # QDrop: elements that stay float
+        if self.drop_prob > 0 and self.fused:
+            keep = P.random_mask_like(x, self.drop_prob)
+        elif self.drop_prob > 0:
+            keep = torch.rand_like(x) < self.drop_prob
+        s = self.spec
+        if self.rounding is None and self.fused:
+            return P.fake_quantize(
+                x, self.scale, self.zero_point, s.qmin, s.qmax, self.axis, keep=keep
+            )
         y = P.dequantize(self._grid(x), self.scale, self.zero_point, self.axis)
-        if self.drop_prob > 0:
-            y = torch.where(torch.rand_like(x) < self.drop_prob, x, y)
-        return y
+        return y if keep is None else torch.where(keep, x, y)
 
     def _grid(self, x: Tensor) -> Tensor:
         """Integer grid values (as float): round half to even, or the learned rounding."""
