@@ -177,9 +177,9 @@ def load(key: str) -> tuple[torch.nn.Module, tuple[int, int, int], str]:
         return arch.module.float().eval(), (3, 224, 224), "random"
 
 
-def _stamper(stamps: list[float]) -> Callable[[int], None]:
+def _stamper(stamps: list[float]) -> Callable[..., None]:
     """A progress callback that records when each iteration ended."""
-    return lambda n: stamps.append(time.perf_counter())
+    return lambda n, label=None: stamps.append(time.perf_counter())
 
 
 def engine(key: str, bits: str, iters: int, repeats: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from qcli.artifacts import read_dataset
+from qcli.errors import UsageError
 from qcli.methods.generators.bn_stats import (
     BNInputMoments,
     SetMoments,
@@ -213,6 +214,8 @@ def _no_bn_model(tmp_path: Path) -> Path:
         (["--num-images", -3], 2, "--num-images"),
         (["--num-images", 4, "--batch-size", 8], 2, "--batch-size"),
         (["--method", "bns", "--no-augment"], 2, "--no-augment"),
+        (["--method", "bns", "--optimizer", "adam"], 2, "--optimizer"),
+        (["--method", "noise", "--coarse-share", 0.5], 2, "--coarse-share"),
         (["--iters", 0], 2, "--iters"),
     ],
 )
@@ -235,3 +238,52 @@ def test_cli_unwritable_output_and_model_without_bn(tmp_path: Path, weights: Pat
     )  # fmt: skip
     assert code == 1 and "BatchNorm" in err and "--method noise" in err, err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_coarse_to_fine_runs_every_iteration_and_lowers_the_loss():
+    """A coarse phase at half size, then full size: the right number of steps, full-size
+    images, seeded, and a set BN loss below the noise it started from."""
+    net = _tiny_net()
+    settings = DghSettings(num_images=8, batch_size=4, iters=12, coarse_share=0.5, seed=2)
+    steps: list[int] = []
+    a, metrics = generate_dgh(net, SPEC, settings, progress=steps.append)
+    b, _ = generate_dgh(net, SPEC, settings)
+    assert a.shape == (8, 3, 16, 16) and torch.equal(a, b)
+    assert steps[-1] == 2 * 12 == len(steps)
+    assert metrics["final_bn_loss"] < metrics["initial_bn_loss"]
+    plain, _ = generate_dgh(net, SPEC, dataclasses.replace(settings, coarse_share=0.0))
+    assert not torch.equal(a, plain)  # the phase is really there
+
+
+def test_adam_is_an_optimizer_choice_and_unknown_ones_are_refused():
+    net = _tiny_net()
+    a, _ = generate_dgh(net, SPEC, dataclasses.replace(FAST, optimizer="adam", lr=0.2))
+    b, _ = generate_dgh(net, SPEC, FAST)
+    assert not torch.equal(a, b)
+    with pytest.raises(UsageError, match="optimizer"):
+        generate_dgh(net, SPEC, dataclasses.replace(FAST, optimizer="sgd"))
+
+
+def test_quantize_preset_is_the_one_the_benchmark_measured():
+    """`qcli quantize`'s data-free preset is what benchmarks/results/mct.json measured: change
+    the defaults, rerun benchmarks/mct_side_by_side.py."""
+    from conftest import REPO
+    from qcli.stages.quantize import GEN_PRESETS, QuantizeConfig
+
+    payload = json.loads((REPO / "benchmarks" / "results" / "mct.json").read_text())
+    row = next(r for r in payload["rows"] if r.get("key") == "quantize-preset")
+    q = {f.name: f.default for f in dataclasses.fields(QuantizeConfig)}
+    size = {"num_images": q["gen_images"], "batch_size": q["gen_batch_size"]}
+    assert row["settings"] == {**size, "iters": q["gen_iters"], **GEN_PRESETS[q["gen_method"]]}
+
+
+def test_cli_optimizer_and_coarse_share_reach_the_settings(tmp_path: Path, weights: Path):
+    out = tmp_path / "o"
+    args = ["--num-images", 4, "--batch-size", 4, "--iters", 2, "--lr", 0.15]
+    code, _, err = run(
+        "generate-data", R20, "--weights", weights, *args, "--optimizer", "adam",
+        "--coarse-share", 0.5, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    settings = read_dataset(out).manifest["settings"]
+    assert settings["optimizer"] == "adam" and settings["coarse_share"] == 0.5

@@ -266,6 +266,11 @@ def test_quantize_inapplicable_flags(tmp_path: Path, weights: Path, images: Path
     assert code == 2 and flag in err and not (tmp_path / "q").exists()
 
 
+def test_quantize_limit_without_data_is_refused(tmp_path: Path, weights: Path):
+    code, _, err = run("quantize", R20, "--weights", weights, "--limit", "8", "--out", tmp_path)
+    assert code == 2 and "--limit" in err
+
+
 def test_noise_takes_no_iterations(tmp_path: Path, weights: Path):
     code, _, err = run(
         "generate-data", R20, "--weights", weights, "--method", "noise", "--iters", "3",

@@ -238,3 +238,18 @@ def test_quantize_below_8_bits_reconstructs_and_bn_tunes(tmp_path: Path, weights
     manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
     assert manifest["method"]["name"] == "qdrop" and manifest["method"]["bn_tune"] is True
     assert manifest["method"]["settings"]["iters"] == 2
+
+
+def test_progress_is_cost_weighted_and_names_each_unit():
+    """The bar's total is what the run reports, units weigh by their activation size (so the
+    time-left estimate holds), and each unit announces itself once."""
+    qg, x = _calibrated(BitConfig(4, 8))
+    settings = {"iters": 3, "batch_size": 16}
+    calls: list[tuple[int, str | None]] = []
+    R._method("adaround")(qg, x.split(16), settings, lambda n, label=None: calls.append((n, label)))
+    assert sum(n for n, _ in calls) == R.total_steps(qg, "adaround", settings)
+    labels = [label for _, label in calls if label]
+    units = [u for _, us in units_to_tune(qg, "layer") for u in us]
+    assert labels == [f"unit {i}/{len(units)} {u.name}" for i, u in enumerate(units, 1)]
+    costs = [R.unit_cost(qg, u) for u in units]
+    assert costs[0] > costs[-1]  # an 8x8x8 conv output weighs more than the 4 logits

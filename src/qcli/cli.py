@@ -398,6 +398,8 @@ def quantize(
     data = _data(kw)
     if data is not None:
         _refuse_given(("num_images", "gen_iters", "gen_method"), "only apply without --data")
+    else:
+        _refuse_given(("limit", "class_list"), "only apply with --data")
     ev = DataOptions(eval_data, batch_size=data.batch_size if data else 32) if eval_data else None
     cfg = QuantizeConfig(
         mo,
@@ -461,6 +463,17 @@ def quantize(
     help="dgh output loss: minmax (default, widen the logit range) or regularized.",
 )
 @click.option(
+    "--optimizer",
+    type=click.Choice(["radam", "adam"]),
+    help="dgh image optimizer: radam (MCT's, with --lr 16) or adam (better on short runs, "
+    "e.g. --iters 50 --lr 0.15, the `quantize` preset).",
+)
+@click.option(
+    "--coarse-share",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="dgh: share of the iterations run at half resolution before refining at full size.",
+)
+@click.option(
     "--preview",
     type=PathArg(dir_okay=False, path_type=Path),
     help="Also write a PNG grid of the first 64 images (de-normalized).",
@@ -497,6 +510,8 @@ def generate_data(
     no_augment,
     no_output_loss,
     output_kind,
+    optimizer,
+    coarse_share,
     preview,
     out,
     force,
@@ -522,6 +537,8 @@ def generate_data(
         "--no-augment": ("augment", False) if no_augment else None,
         "--no-output-loss": ("output_loss", False) if no_output_loss else None,
         "--output-loss": ("output_kind", output_kind) if output_kind else None,
+        "--optimizer": ("optimizer", optimizer) if optimizer else None,
+        "--coarse-share": ("coarse_share", coarse_share) if coarse_share is not None else None,
     }
     options = dict(kv for kv in flags.values() if kv is not None)  # the method refuses extras
     cfg = GenerateConfig(

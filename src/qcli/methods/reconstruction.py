@@ -17,6 +17,7 @@ QDrop with drop probability 0 is BRECQ exactly.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields, replace
@@ -278,10 +279,12 @@ def reconstruct(
     chain = Chain.start(qg, images, s.batch_size, getattr(torch, s.cache_dtype))
     fp_logits = _logits(chain, images) if s.fisher else None
     plan = units_to_tune(qg, s.granularity)
+    count = sum(len(units) for _, units in plan)
     results = []
     for i, (seg, units) in enumerate(plan):
         for unit in units:
             start = time.perf_counter()
+            unit_progress = _unit_progress(progress, unit, qg, len(results) + 1, count)
             xq = chain.inputs(seg, unit)
             xf = chain.inputs(seg, unit, quantized=False)
             y = chain.targets(unit, xf)
@@ -289,7 +292,7 @@ def reconstruct(
                 xf = None  # only QDrop mixes float inputs in: free them
             w = _fisher(chain, plan[i:], fp_logits) if fp_logits is not None else None
             module = unit_module(qg, unit)
-            before, after = reconstruct_unit(module, xq, xf, y, s, generator, progress, w)
+            before, after = reconstruct_unit(module, xq, xf, y, s, generator, unit_progress, w)
             secs = time.perf_counter() - start
             cached = (chain.q, chain.f, xq, xf, y, w)
             held = sum({id(t): t.nbytes for t in cached if t is not None}.values())
@@ -298,6 +301,27 @@ def reconstruct(
             )
         chain.advance(seg)
     return results
+
+
+def _unit_progress(
+    progress: Progress | None, unit: Unit, qg: QuantGraph, index: int, count: int
+) -> Progress | None:
+    """Iterations reported as cost-weighted steps, with the unit's name on the first one."""
+    if progress is None:
+        return None
+    cost = unit_cost(qg, unit)
+    label = f"unit {index}/{count} {unit.name}"
+    first = True
+
+    def report(n: int) -> None:
+        nonlocal first
+        if first:
+            progress(n * cost, label=label)
+            first = False
+        else:
+            progress(n * cost)
+
+    return report
 
 
 def _logits(chain: Chain, images: Tensor) -> Tensor:
@@ -328,8 +352,23 @@ def _fisher(chain: Chain, rest: list[tuple[Unit, list[Unit]]], fp_logits: Tensor
 
 
 def total_steps(qg: QuantGraph, method: str, overrides: dict[str, Any]) -> int:
+    """The progress total: iterations weighted by each unit's cost (`unit_cost`), so the time
+    left that the bar estimates holds across units of very different sizes."""
     s = settings_for(method, overrides)
-    return s.iters * sum(len(units) for _, units in units_to_tune(qg, s.granularity))
+    units = [u for _, us in units_to_tune(qg, s.granularity) for u in us]
+    return s.iters * sum(unit_cost(qg, u) for u in units)
+
+
+def unit_cost(qg: QuantGraph, unit: Unit) -> int:
+    """Progress weight of one iteration of a unit: the activation elements its nodes produce
+    per image, in thousands (at least 1); a step's time grows with them."""
+    nodes = {n.name: n for n in qg.module.graph.nodes}
+    total = 0
+    for name in unit.nodes:
+        meta = nodes[name].meta.get("tensor_meta") if name in nodes else None
+        if meta is not None and hasattr(meta, "shape"):
+            total += math.prod(meta.shape[1:])
+    return max(1, round(total / 1000))
 
 
 def _method(name: str):

@@ -44,6 +44,8 @@ FLAGS = {
     "augment": "--no-augment",
     "output_loss": "--no-output-loss",
     "output_kind": "--output-loss",
+    "optimizer": "--optimizer",
+    "coarse_share": "--coarse-share",
 }
 
 
