@@ -73,6 +73,14 @@ def set_loss(npy: Path) -> float:
     return set_bn_loss(loaded.module, torch.from_numpy(np.load(npy)), 16)
 
 
+def _worker(cmd: list[str], env: dict[str, str]) -> dict:
+    """Run one generator in a fresh process; its last stdout line is its JSON result."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {cmd[:2]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run(args: argparse.Namespace) -> dict:
     size = {"num_images": args.images, "batch_size": args.batch, "iters": args.iters}
     rows = []
@@ -83,15 +91,7 @@ def run(args: argparse.Namespace) -> dict:
             spec = json.dumps({"model": MODEL, "threads": args.threads, **size})
             worker = BENCH / "suites" / "mct_worker.py"
             t = time.perf_counter()
-            proc = subprocess.run(
-                [str(MCT_PY), str(worker), spec, str(out)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            if proc.returncode != 0:
-                raise SystemExit(f"MCT worker failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = _worker([str(MCT_PY), str(worker), spec, str(out)], env)
             rows.append(
                 {
                     "key": "mct",
@@ -104,15 +104,8 @@ def run(args: argparse.Namespace) -> dict:
         for key, label, overrides in qcli_rows(args.equal_loss_iters):
             out = Path(tmp) / "qcli.npy"
             settings = json.dumps({**size, **overrides})
-            proc = subprocess.run(
-                [sys.executable, "-c", QCLI_WORKER, MODEL, settings, str(args.threads), str(out)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            if proc.returncode != 0:
-                raise SystemExit(f"qcli worker failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            cmd = [sys.executable, "-c", QCLI_WORKER, MODEL, settings, str(args.threads), str(out)]
+            res = _worker(cmd, env)
             rows.append(
                 {
                     "key": key,

@@ -63,12 +63,13 @@ def check_settings(method: str, settings: dict[str, Any]) -> None:
     if method not in CALIBRATION_METHODS:
         raise UsageError(f"unknown --method {method!r}; choose from {sorted(CALIBRATION_METHODS)}")
     accepted = CALIBRATION_METHODS[method].settings | {"seed"}
-    extra = [SETTING_FLAGS.get(k, k) for k in settings if k not in accepted]
+    extra = [k for k in settings if k not in accepted]
     if extra:
-        kind = "a reconstruction method" if not accepted - {"seed"} else "another method"
+        owners = sorted(m.name for m in CALIBRATION_METHODS.values() if extra[0] in m.settings)
+        flags = ", ".join(SETTING_FLAGS.get(k, k) for k in extra)
         raise UsageError(
-            f"{', '.join(extra)} {'does' if len(extra) == 1 else 'do'} not apply to "
-            f"--method {method} (it belongs to {kind}: adaround, adaquant, brecq, qdrop)"
+            f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to --method {method}"
+            + (f" (it applies to {', '.join(owners)})" if owners else "")
         )
 
 

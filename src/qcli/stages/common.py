@@ -47,8 +47,8 @@ class ModelOptions:
 
     def load(self, ui: UI | None = None) -> LoadedModel:
         loaded = load_model(self.source(), self.input_overrides)
-        for message in loaded.warnings:
-            if ui is not None:
+        if ui is not None:
+            for message in loaded.warnings:
                 ui.warn(message)
         return loaded
 
@@ -202,20 +202,19 @@ def load_qmodel(path: Path, weights: str | Path | None = None) -> QModel:
     return QModel(qg, manifest, spec, source)
 
 
-def source_files(source: ModelSource) -> dict[str, str | None]:
-    """The files a recorded source is read from, by the flag that overrides them."""
-    return {
-        "--weights": source.weights if family_of(source.spec) else source.spec,
-    }
+def recorded_file(source: ModelSource) -> str | None:
+    """The file a recorded source is read from (its weights, or the model file itself): the
+    one `--weights` replaces when it moved."""
+    return source.weights if family_of(source.spec) else source.spec
 
 
 def _locate_source(path: Path, source: ModelSource, weights: str | Path | None) -> ModelSource:
     """The recorded source, with its file replaced by `weights`; a clear error if missing."""
-    named = family_of(source.spec) is not None
     if weights is not None:
         file = os.path.abspath(weights)
+        named = family_of(source.spec) is not None
         return dataclasses.replace(source, **({"weights": file} if named else {"spec": file}))
-    recorded = source.weights if named else source.spec
+    recorded = recorded_file(source)
     if recorded and not Path(recorded).exists():
         raise QcliError(
             f"quantized model '{path}' was made from '{recorded}', which does not exist "

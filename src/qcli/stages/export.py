@@ -27,7 +27,7 @@ from qcli.evaluate import OrtModel
 from qcli.export import kernels
 from qcli.export.onnx_qdq import to_onnx
 from qcli.models import ModelSource
-from qcli.stages.common import QModel, load_qmodel, source_files
+from qcli.stages.common import QModel, load_qmodel, recorded_file
 from qcli.ui import UI
 
 # onnxruntime's integer kernels requantize with float multipliers, so a value within float
@@ -62,8 +62,12 @@ def export(cfg: ExportConfig, ui: UI) -> dict[str, Any]:
     if cfg.check_data is not None and not Path(cfg.check_data).is_dir():
         raise UsageError(f"--check-data '{cfg.check_data}' is not a folder of images")
     manifest = read_manifest(cfg.qmodel, FORMAT, FORMAT_VERSION, "quantized model")
-    inputs = {"QMODEL": cfg.qmodel, "--check-data": cfg.check_data, "--weights": cfg.weights}
-    inputs |= {f"its source model file ({k})": v for k, v in _recorded_files(manifest).items()}
+    inputs = {
+        "QMODEL": cfg.qmodel,
+        "--check-data": cfg.check_data,
+        "--weights": cfg.weights,
+        "its source model file": _recorded_file(manifest),
+    }
     prepare_output(cfg.out, cfg.force, inputs=inputs)
     qm = load_qmodel(cfg.qmodel, cfg.weights)
     model = to_onnx(qm.graph, cfg.weight_storage)
@@ -115,11 +119,11 @@ def export(cfg: ExportConfig, ui: UI) -> dict[str, Any]:
     }
 
 
-def _recorded_files(manifest: dict[str, Any]) -> dict[str, str | None]:
+def _recorded_file(manifest: dict[str, Any]) -> str | None:
     try:
-        return source_files(ModelSource.from_dict(manifest["source"]))
+        return recorded_file(ModelSource.from_dict(manifest["source"]))
     except (KeyError, TypeError, AttributeError):
-        return {}  # load_qmodel names what is missing
+        return None  # load_qmodel names what is missing
 
 
 def _add_metadata(model: onnx.ModelProto, qm: QModel) -> None:
