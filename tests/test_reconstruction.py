@@ -7,6 +7,7 @@ method's result survives .qcli -> ONNX -> onnxruntime with the simulation check.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def test_reconstruction_lowers_the_unit_loss(method: str):
     qg, x = _calibrated(BitConfig(2, 8))
     module, xq, y = _second_unit(qg, x)
     s = R.settings_for(method, {"iters": 200, "batch_size": 16})
-    before, after = R.reconstruct_unit(module, xq, None, y, s, torch.Generator().manual_seed(0))
+    before, after, _ = R.reconstruct_unit(module, xq, None, y, s, torch.Generator().manual_seed(0))
     assert after < 0.9 * before, (before, after)
 
 
@@ -238,6 +239,24 @@ def test_quantize_below_8_bits_reconstructs_and_bn_tunes(tmp_path: Path, weights
     manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
     assert manifest["method"]["name"] == "qdrop" and manifest["method"]["bn_tune"] is True
     assert manifest["method"]["settings"]["iters"] == 2
+    assert manifest["method"]["settings"]["stop"] == "plateau"  # the one-shot default effort
+
+
+def test_quantize_effort_flags_follow_the_method(tmp_path: Path, weights, images):
+    """--stop reaches a reconstruction method, and is refused where the method has no units."""
+    from qcli.stages.quantize import ONE_SHOT_EFFORT, QuantizeConfig, method_settings
+
+    cfg = QuantizeConfig(None, tmp_path / "q", stop="fixed")
+    assert method_settings("qdrop", cfg) == {**ONE_SHOT_EFFORT, "stop": "fixed"}
+    assert method_settings("mse", QuantizeConfig(None, tmp_path / "q")) == {}
+    asked = method_settings("qdrop", QuantizeConfig(None, tmp_path / "q", iters=300))
+    assert asked["iters"] == 300 and "budget" not in asked  # asked-for iterations are run
+    code, _, err = run(
+        "quantize", "builtin:resnet20_cifar10", "--weights", weights, "--data", images,
+        "--bits", "w8a8", "--stop", "fixed", "--no-latency", "--out", tmp_path / "q8",
+    )  # fmt: skip
+    assert code == 2 and "--stop" in err and "mse" in err, err
+    assert not (tmp_path / "q8").exists()
 
 
 def test_progress_is_cost_weighted_and_names_each_unit():
@@ -246,10 +265,89 @@ def test_progress_is_cost_weighted_and_names_each_unit():
     qg, x = _calibrated(BitConfig(4, 8))
     settings = {"iters": 3, "batch_size": 16}
     calls: list[tuple[int, str | None]] = []
-    R._method("adaround")(qg, x.split(16), settings, lambda n, label=None: calls.append((n, label)))
-    assert sum(n for n, _ in calls) == R.total_steps(qg, "adaround", settings)
+    R._method("adaround")(
+        qg, x.split(16), settings, lambda n, label=None, skip=0: calls.append((n, label))
+    )
+    assert sum(n for n, _ in calls) == R.total_steps(qg, "adaround", settings, len(x))
     labels = [label for _, label in calls if label]
     units = [u for _, us in units_to_tune(qg, "layer") for u in us]
     assert labels == [f"unit {i}/{len(units)} {u.name}" for i, u in enumerate(units, 1)]
     costs = [R.unit_cost(qg, u) for u in units]
     assert costs[0] > costs[-1]  # an 8x8x8 conv output weighs more than the 4 logits
+
+
+def _scripted(losses: list[float]):
+    """A step function that returns the given losses in turn, counting its calls."""
+    calls = []
+
+    def step(beta):
+        assert beta is None  # the free phase runs without the rounding regularizer
+        calls.append(1)
+        return torch.tensor(losses[len(calls) - 1])
+
+    return step, calls
+
+
+def test_free_phase_stops_when_the_window_loss_stops_improving():
+    s = R.settings_for("qdrop", {"iters": 1000, "stop": "plateau", "plateau_window": 5})
+    # windows: 10 -> 5 (improves) -> 4.99 (under 2%: plateau) -> never reached
+    losses = [10.0] * 5 + [5.0] * 5 + [4.99] * 5 + [1.0] * 200
+    step, calls = _scripted(losses)
+    assert R._free_phase(step, s) == 15 == len(calls)
+    # a loss that keeps improving runs until the ceiling's warm-up share
+    step, calls = _scripted([0.9**i for i in range(300)])
+    assert R._free_phase(step, s) == 200 == len(calls)  # 0.2 * 1000
+
+
+def test_anneal_phase_keeps_the_warmup_ratio_within_the_ceiling():
+    s = R.settings_for("qdrop", {"iters": 100, "stop": "plateau"})
+    assert R._anneal_steps(10, s) == 40  # warm-up 20%: four annealing steps per free step
+    assert R._anneal_steps(20, s) == 80
+    assert R._anneal_steps(20, replace(s, iters=50)) == 30  # the ceiling caps the total
+
+
+def test_plateau_stops_early_and_the_bar_total_shrinks_to_the_steps_taken():
+    """An easy problem stops well before the ceiling; every planned step is either done or
+    skipped, so the bar ends full and its time-left estimate counts only the work left."""
+    qg, x = _calibrated(BitConfig(4, 8))
+    settings = {"iters": 400, "batch_size": 16, "stop": "plateau"}
+    done, skipped = [], []
+
+    def progress(n, label=None, skip=0):
+        done.append(n)
+        skipped.append(skip)
+
+    metrics = R._method("brecq")(qg, x.split(16), settings, progress)
+    units = metrics["reconstruction"]["units"]
+    assert all(u["steps"] < 400 for u in units), [u["steps"] for u in units]
+    assert sum(done) + sum(skipped) == R.total_steps(qg, "brecq", settings, len(x))
+    costs = [R.unit_cost(qg, u) for _, us in units_to_tune(qg, "block") for u in us]
+    assert sum(done) == sum(c * u["steps"] for c, u in zip(costs, units, strict=True))
+
+
+def test_fixed_mode_runs_every_iteration():
+    qg, x = _calibrated(BitConfig(4, 8))
+    metrics = R._method("brecq")(qg, x.split(16), {"iters": 7, "batch_size": 16}, None)
+    assert [u["steps"] for u in metrics["reconstruction"]["units"]] == [7] * len(
+        metrics["reconstruction"]["units"]
+    )
+
+
+def test_stop_mode_is_validated():
+    with pytest.raises(Exception, match="--stop"):
+        R.settings_for("qdrop", {"stop": "sometimes"})
+
+
+def test_budget_lowers_the_iterations_to_fit_and_records_them():
+    qg, x = _calibrated(BitConfig(4, 8))
+    cost = sum(R.unit_cost(qg, u) for _, us in units_to_tune(qg, "block") for u in us)
+    per_step = cost * 1e3 * 16  # activation elements per step at batch 16
+    settings = {"iters": 400, "batch_size": 16, "budget": 25 * per_step / 1e9}
+    assert R.total_steps(qg, "brecq", settings, len(x)) == 25 * cost
+    metrics = R._method("brecq")(qg, x.split(16), settings, None)
+    assert metrics["reconstruction"]["settings"]["iters"] == 25
+    assert {u["steps"] for u in metrics["reconstruction"]["units"]} == {25}
+    big = {**settings, "budget": 1e6}  # a budget beyond the ceiling leaves it alone
+    assert R.within_budget(qg, R.settings_for("brecq", big), len(x)).iters == 400
+    tiny = {**settings, "budget": 1e-9}  # never below 10 steps a unit
+    assert R.within_budget(qg, R.settings_for("brecq", tiny), len(x)).iters == 10

@@ -349,7 +349,14 @@ def _mb(v) -> str:
 @click.option(
     "--iters",
     type=click.IntRange(min=1),
-    help="Reconstruction iterations per unit when the method reconstructs [500].",
+    help="Reconstruction iterations per unit when the method reconstructs; a ceiling under "
+    "--stop plateau [500].",
+)
+@click.option(
+    "--stop",
+    type=click.Choice(["fixed", "plateau"]),
+    help="Reconstruction effort: every unit runs --iters, or a unit stops when its loss "
+    "stops improving [plateau].",
 )
 @click.option(
     "--bn-tune/--no-bn-tune",
@@ -374,6 +381,7 @@ def quantize(
     gen_iters,
     gen_method,
     iters,
+    stop,
     bn_tune,
     no_latency,
     int8_range,
@@ -415,6 +423,7 @@ def quantize(
         force=force,
         latency=not no_latency,
         iters=iters,
+        stop=stop,
         bn_tune=bn_tune,
         int8_range=int8_range,
         weight_storage=weight_storage,
@@ -559,6 +568,11 @@ def _calibrate_rows(r: dict) -> list[tuple]:
         ]
     keys = ["out", "model", "bits", "method", "layers", "activation_quantizers", "images"]
     rows = _kv(keys)(r)
+    units = r.get("reconstruction", {}).get("units")
+    if units:
+        steps = sorted(u["steps"] for u in units)
+        span = f"{steps[0]}-{steps[-1]} per unit"
+        rows.append(("reconstruction", f"{len(units)} units, {sum(steps)} steps ({span})"))
     if r.get("tuning"):
         rows.append(("BN/bias tuning", f"{r['tuning']['seconds']} s"))
     widened = r.get("int8_range", {}).get("widened")
@@ -595,6 +609,12 @@ def _calibrate_rows(r: dict) -> list[tuple]:
     help="Reconstruction iterations per unit [500; the papers use 10000-20000].",
 )
 @click.option(
+    "--stop",
+    type=click.Choice(["fixed", "plateau"]),
+    help="Reconstruction effort: every unit runs --iters [fixed], or --iters is a ceiling and "
+    "a unit stops when its loss stops improving [plateau].",
+)
+@click.option(
     "--drop-prob",
     type=click.FloatRange(0, 1),
     help="QDrop: chance an activation stays float during reconstruction [qdrop: 0.5].",
@@ -619,6 +639,7 @@ def calibrate(
     method,
     granularity,
     iters,
+    stop,
     drop_prob,
     fisher,
     bn_tune,
@@ -646,7 +667,7 @@ def calibrate(
     from qcli.stages.calibrate import calibrate as run
 
     keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
-    settings = {"granularity": granularity, "iters": iters, "drop_prob": drop_prob}
+    settings = {"granularity": granularity, "iters": iters, "stop": stop, "drop_prob": drop_prob}
     settings = {k: v for k, v in settings.items() if v is not None}
     if fisher:
         settings["fisher"] = True

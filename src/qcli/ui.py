@@ -24,7 +24,8 @@ from rich.progress import (
 from rich.table import Table
 
 # advance(n) moves a task's bar by n; advance(n, label) also renames the task (e.g. which
-# reconstruction unit runs now).
+# reconstruction unit runs now); advance(0, skip=k) takes k planned steps off the total (work
+# that turned out not to be needed, e.g. a unit that stopped early).
 Advance = Callable[..., None]
 
 
@@ -33,7 +34,7 @@ class UI:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
-        yield lambda n=1, label=None: None
+        yield lambda n=1, label=None, skip=0: None
 
     def info(self, message: str) -> None:
         pass
@@ -67,9 +68,13 @@ class RichUI(UI):
         with Progress(*columns, console=self.err, transient=False) as progress:
             tid = progress.add_task(description, total=total)
 
-            def advance(n: int = 1, label: str | None = None) -> None:
+            def advance(n: int = 1, label: str | None = None, skip: int = 0) -> None:
                 if label is not None:
                     progress.update(tid, description=f"{description}: {label}")
+                if skip:
+                    total = progress.tasks[tid].total
+                    if total is not None:
+                        progress.update(tid, total=max(total - skip, 0))
                 progress.advance(tid, n)
 
             yield advance

@@ -38,13 +38,26 @@ from qcli.quant.partition import GRANULARITIES, Unit, unit_module
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.rounding import AdaRound, attach_adaround, bake_rounding
 
-Progress = Callable[[int], None]
+# progress(n) reports n steps done; progress(0, skip=k) drops k planned steps from the total
+# (a unit that stopped early), so the time-left estimate stays honest.
+Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)
 class ReconSettings:
     granularity: str = "block"
     iters: int = 500  # per unit; the papers use 10k-20k on a GPU (see benchmarks/ptq.md)
+    # "fixed": every unit runs `iters`. "plateau": `iters` is a ceiling; the free phase (no
+    # rounding regularizer, constant lr) ends when the loss stops improving by `plateau_tol`
+    # per `plateau_window` steps, and the annealing phase then lasts (1 - warmup) / warmup
+    # times as long, so a unit's effort follows how hard it is (`_free_phase`, `_anneal_steps`).
+    stop: str = "fixed"
+    plateau_window: int = 10
+    plateau_tol: float = 0.02
+    # A compute ceiling, in billions of activation elements the units produce over all steps
+    # (`unit_cost` x images per step x steps): when set, `iters` shrinks to fit it, so one
+    # default suits a 32x32 ResNet and a 224x224 EfficientNet alike (0: no budget).
+    budget: float = 0.0
     batch_size: int = 32
     rounding: bool = True  # AdaRound's learned rounding (else round to nearest)
     learn_weights: bool = False  # AdaQuant: continuous weights, biases, weight step sizes
@@ -66,6 +79,8 @@ class ReconSettings:
     cache_dtype: str = "float16"
     seed: int = 0
 
+
+STOPS = ("fixed", "plateau")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "adaround": {"granularity": "layer", "learn_act_scales": False},
@@ -92,6 +107,14 @@ def validate(s: ReconSettings) -> None:
         raise UsageError(f"--iters must be at least 1, got {s.iters}")
     if not 0 <= s.drop_prob <= 1:
         raise UsageError(f"--drop-prob must be within 0..1, got {s.drop_prob}")
+    if s.stop not in STOPS:
+        raise UsageError(f"--stop must be one of {', '.join(STOPS)}, got {s.stop!r}")
+    if s.stop == "plateau" and not 0 < s.warmup < 1:
+        raise UsageError("--stop plateau needs a warm-up share within 0..1 (exclusive)")
+    if s.budget < 0:
+        raise UsageError(f"the reconstruction budget must be >= 0, got {s.budget}")
+    if s.plateau_window < 1 or s.plateau_tol < 0:
+        raise UsageError("the plateau window must be at least 1 step and its tolerance >= 0")
     if s.fisher and s.granularity == "layer":
         raise UsageError("--fisher needs --granularity block or stage")
 
@@ -127,6 +150,7 @@ class UnitResult:
     layers: int
     loss_before: float
     loss_after: float
+    steps: int
     seconds: float
     cache_mb: float  # cached activations held while this unit was tuned
 
@@ -188,8 +212,9 @@ def reconstruct_unit(
     generator: torch.Generator,
     progress: Progress | None = None,
     fisher: Tensor | None = None,
-) -> tuple[float, float]:
-    """Tune one unit in place so module(xq) ≈ y; returns the loss before and after.
+) -> tuple[float, float, int]:
+    """Tune one unit in place so module(xq) ≈ y; returns the loss before and after, and the
+    optimization steps taken.
 
     xq: the quantized model's inputs; xf: the float model's (QDrop mixes them), y: targets.
     Ends with hard rounding baked into the weights and every parameter frozen again.
@@ -203,9 +228,10 @@ def reconstruct_unit(
         p.requires_grad_(True)
     for q in acts:
         q.drop_prob = s.drop_prob
+    steps = 0
     try:
         if params:
-            _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress)
+            steps = _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress)
         elif progress:
             progress(s.iters)
     finally:
@@ -217,34 +243,76 @@ def reconstruct_unit(
         for p in params:
             p.requires_grad_(False)
         _keep_scales_positive(layers, acts)
-    return before, _eval_loss(module, xq, y, fisher, s, device)
+    return before, _eval_loss(module, xq, y, fisher, s, device), steps
 
 
-def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress) -> None:
+def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress) -> int:
+    """Run the unit's optimization; returns the number of steps taken."""
     device = next(module.parameters()).device
     opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.iters, eta_min=0.0)
     layers, acts = _unit_parts(module)
     n = xq.shape[0]
     mask_gen = _mask_generator(generator, device) if s.drop_prob > 0 and xf is not None else None
-    for step in range(s.iters):
+
+    def step(beta: float | None) -> Tensor:
         idx = torch.randint(n, (min(s.batch_size, n),), generator=generator)
         x = xq[idx].to(device, torch.float32)
         if mask_gen is not None:
             keep_float = P.random_mask(x.shape, s.drop_prob, device, generator=mask_gen)
             x = torch.where(keep_float, xf[idx].to(device, torch.float32), x)
         w = fisher[idx].to(device, torch.float32) if fisher is not None else None
-        loss = reconstruction_loss(module(x), y[idx].to(device, torch.float32), w)
-        beta = beta_at(step, s)
+        rec = reconstruction_loss(module(x), y[idx].to(device, torch.float32), w)
+        loss = rec
         if roundings and beta is not None:
             loss = loss + s.reg_weight * sum(r.regularizer(beta) for r in roundings)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         _keep_scales_positive(layers, acts)
         if progress:
             progress(1)
+        return rec.detach()
+
+    if s.stop == "fixed":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.iters, eta_min=0.0)
+        for i in range(s.iters):
+            step(beta_at(i, s))
+            sched.step()
+        return s.iters
+    free = _free_phase(step, s)
+    anneal = _anneal_steps(free, s)
+    if progress:
+        progress(0, skip=s.iters - free - anneal)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=anneal, eta_min=0.0)
+    tail = replace(s, iters=anneal, warmup=0.0)
+    for i in range(anneal):
+        step(beta_at(i, tail))
+        sched.step()
+    return free + anneal
+
+
+def _free_phase(step: Callable[[float | None], Tensor], s: ReconSettings) -> int:
+    """Steps without the rounding regularizer at a constant lr until the window-mean loss
+    improves by less than `plateau_tol` (relative) on the window before, at most
+    `warmup * iters` steps; returns the steps taken."""
+    limit = max(1, int(s.warmup * s.iters))
+    previous = math.inf
+    taken = 0
+    while taken < limit:
+        count = min(s.plateau_window, limit - taken)
+        total = sum(step(None) for _ in range(count))
+        taken += count
+        mean = float(total) / count
+        if mean > previous * (1 - s.plateau_tol):
+            break
+        previous = mean
+    return taken
+
+
+def _anneal_steps(free: int, s: ReconSettings) -> int:
+    """The annealing phase keeps the fixed schedule's ratio to the free phase, within the
+    ceiling."""
+    return max(1, min(round(free * (1 - s.warmup) / s.warmup), s.iters - free))
 
 
 def _mask_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
@@ -292,12 +360,14 @@ def reconstruct(
                 xf = None  # only QDrop mixes float inputs in: free them
             w = _fisher(chain, plan[i:], fp_logits) if fp_logits is not None else None
             module = unit_module(qg, unit)
-            before, after = reconstruct_unit(module, xq, xf, y, s, generator, unit_progress, w)
+            before, after, steps = reconstruct_unit(
+                module, xq, xf, y, s, generator, unit_progress, w
+            )
             secs = time.perf_counter() - start
             cached = (chain.q, chain.f, xq, xf, y, w)
             held = sum({id(t): t.nbytes for t in cached if t is not None}.values())
             results.append(
-                UnitResult(unit.name, len(unit.layers), before, after, secs, held / 2**20)
+                UnitResult(unit.name, len(unit.layers), before, after, steps, secs, held / 2**20)
             )
         chain.advance(seg)
     return results
@@ -313,13 +383,13 @@ def _unit_progress(
     label = f"unit {index}/{count} {unit.name}"
     first = True
 
-    def report(n: int) -> None:
+    def report(n: int, skip: int = 0) -> None:
         nonlocal first
         if first:
-            progress(n * cost, label=label)
+            progress(n * cost, label=label, skip=skip * cost)
             first = False
         else:
-            progress(n * cost)
+            progress(n * cost, skip=skip * cost)
 
     return report
 
@@ -351,12 +421,24 @@ def _fisher(chain: Chain, rest: list[tuple[Unit, list[Unit]]], fp_logits: Tensor
 # ------------------------------------------------------------------------ registration
 
 
-def total_steps(qg: QuantGraph, method: str, overrides: dict[str, Any]) -> int:
+def total_steps(qg: QuantGraph, method: str, overrides: dict[str, Any], images: int) -> int:
     """The progress total: iterations weighted by each unit's cost (`unit_cost`), so the time
     left that the bar estimates holds across units of very different sizes."""
-    s = settings_for(method, overrides)
-    units = [u for _, us in units_to_tune(qg, s.granularity) for u in us]
-    return s.iters * sum(unit_cost(qg, u) for u in units)
+    s = within_budget(qg, settings_for(method, overrides), images)
+    return s.iters * _model_cost(qg, s.granularity)
+
+
+def within_budget(qg: QuantGraph, s: ReconSettings, images: int) -> ReconSettings:
+    """The settings with `iters` lowered to fit `budget` (at least 10 steps a unit)."""
+    if not s.budget:
+        return s
+    per_step = _model_cost(qg, s.granularity) * 1e3 * min(s.batch_size, images)
+    fit = int(s.budget * 1e9 / per_step)
+    return replace(s, iters=max(min(s.iters, fit), 10))
+
+
+def _model_cost(qg: QuantGraph, granularity: str) -> int:
+    return sum(unit_cost(qg, u) for _, us in units_to_tune(qg, granularity) for u in us)
 
 
 def unit_cost(qg: QuantGraph, unit: Unit) -> int:
@@ -373,8 +455,8 @@ def unit_cost(qg: QuantGraph, unit: Unit) -> int:
 
 def _method(name: str):
     def run(qg: QuantGraph, batches: Iterable[Tensor], settings=None, progress=None) -> dict:
-        s = settings_for(name, settings or {})
         images = torch.cat(list(batches))
+        s = within_budget(qg, settings_for(name, settings or {}), images.shape[0])
         set_weight_ranges(qg, s.range_method)
         set_activation_ranges(qg, images.split(s.batch_size), s.range_method)
         results = reconstruct(qg, images, s, progress)
@@ -401,7 +483,7 @@ for _name, _summary, _rank in (
         _name,
         _summary,
         _rank,
-        total=lambda qg, n, st, m=_name: total_steps(qg, m, st),
+        total=lambda qg, n, st, m=_name: total_steps(qg, m, st, n),
         settings=frozenset(f.name for f in fields(ReconSettings)),
     )(_method(_name))
 

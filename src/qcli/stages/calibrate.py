@@ -51,6 +51,7 @@ class CalibrateConfig:
 # The flag that sets each method setting, for messages.
 SETTING_FLAGS = {
     "iters": "--iters",
+    "stop": "--stop",
     "drop_prob": "--drop-prob",
     "fisher": "--fisher",
     "granularity": "--granularity",

@@ -48,7 +48,8 @@ class QuantizeConfig:
     seed: int = 0
     force: bool = False
     latency: bool = True
-    iters: int | None = None  # reconstruction iterations per unit (None: the method's default)
+    iters: int | None = None  # reconstruction iterations per unit; a ceiling under "plateau"
+    stop: str | None = None  # reconstruction effort mode (None: ONE_SHOT_EFFORT)
     bn_tune: bool | None = None  # None: on below 8 bits
     int8_range: str = "safe"
     weight_storage: str = "int8"  # int8 runs in integer kernels; int4 is smaller but slower
@@ -57,6 +58,26 @@ class QuantizeConfig:
 # Short-budget settings per generator (RAdam's rectified warm-up spends most of a 50-step run
 # at a fraction of its lr; Adam does not), on top of the generator's own defaults.
 GEN_PRESETS: dict[str, dict[str, Any]] = {"dgh": {"optimizer": "adam", "lr": 0.15}}
+
+
+# The one-shot command's reconstruction effort: units stop when their loss stops improving,
+# within 500 iterations and a compute budget of 80 billion activation elements, which caps
+# EfficientNet-Lite0 at 97 iterations per unit (~10 minutes on 2 cores) and leaves ResNet-20
+# its 500. Chosen from the measured curve in benchmarks/effort-effl0-dgh.md.
+ONE_SHOT_EFFORT: dict[str, Any] = {"stop": "plateau", "iters": 500, "budget": 80.0}
+
+
+def method_settings(method: str, cfg: QuantizeConfig) -> dict[str, Any]:
+    """The calibration settings `quantize` passes on: the user's, over the one-shot effort
+    where the method reconstructs (a flag the method does not read stays, to be refused)."""
+    given = {k: v for k, v in (("iters", cfg.iters), ("stop", cfg.stop)) if v is not None}
+    check_settings(method, {})  # an unknown method is named before its settings are looked up
+    if "stop" not in CALIBRATION_METHODS[method].settings:
+        return given
+    effort = dict(ONE_SHOT_EFFORT)
+    if "iters" in given:  # iterations asked for are run, not cut to the budget
+        del effort["budget"]
+    return {**effort, **given}
 
 
 def best_method(bits: BitConfig) -> str:
@@ -70,7 +91,8 @@ def best_method(bits: BitConfig) -> str:
 
 def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
     method = cfg.method or best_method(cfg.bits)
-    check_settings(method, {"iters": cfg.iters} if cfg.iters else {})
+    settings = method_settings(method, cfg)
+    check_settings(method, settings)
     inputs = {**cfg.model.input_files()}
     if cfg.data is not None:
         inputs |= cfg.data.input_files()
@@ -116,7 +138,7 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
                 cfg.bits,
                 method,
                 seed=cfg.seed,
-                settings={"iters": cfg.iters} if cfg.iters else {},
+                settings=settings,
                 bn_tune=low if cfg.bn_tune is None else cfg.bn_tune,
                 int8_range=cfg.int8_range,
             ),
