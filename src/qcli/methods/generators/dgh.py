@@ -4,7 +4,9 @@ Three parts over `bns`, each with a switch so the ablation can remove it alone:
 - `aggregate`: the BN loss compares the stored statistics with those of *all* N images. Only
   the batch being optimized is differentiable; the other batches enter through cached
   per-channel raw moments, refreshed without gradient after each of their steps. Memory for
-  activations is bounded by the batch size, whatever N.
+  activations is bounded by the batch size, whatever N; between their visits the other
+  batches keep their optimizer moments packed in bfloat16 (`IdleStore`), so each image
+  costs its float32 (padded) pixels and as much again, not three times as much.
 - `augment`: images carry extra border pixels and each step sees a random flip, a 3x3
   Gaussian smoothing (an image prior) and a random crop, as BN saw augmented training images.
 - `output_loss`: stretch each image's logit range so the layers after the last BN see the
