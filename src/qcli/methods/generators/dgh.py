@@ -4,7 +4,9 @@ Three parts over `bns`, each with a switch so the ablation can remove it alone:
 - `aggregate`: the BN loss compares the stored statistics with those of *all* N images. Only
   the batch being optimized is differentiable; the other batches enter through cached
   per-channel raw moments, refreshed without gradient after each of their steps. Memory for
-  activations is bounded by the batch size, whatever N.
+  activations is bounded by the batch size, whatever N; between their visits the other
+  batches keep their optimizer moments packed in bfloat16 (`IdleStore`), so each image
+  costs its float32 (padded) pixels and as much again, not three times as much.
 - `augment`: images carry extra border pixels and each step sees a random flip, a 3x3
   Gaussian smoothing (an image prior) and a random crop, as BN saw augmented training images.
 - `output_loss`: stretch each image's logit range so the layers after the last BN see the
@@ -247,6 +249,106 @@ class PlateauLR:
         self.bad = torch.where(cut, 0, self.bad)
 
 
+# ---------------------------------------------------------------- idle batches
+
+PACKED_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class PackedState:
+    """One idle batch's optimizer state between its visits (issue 12, item 4).
+
+    Every state tensor shaped like the images (RAdam's and Adam's two moments) is a row of
+    `moments`, in bfloat16. Each is as large as the stored (padded) images: in float32 the
+    two of them, with a leftover copy of the starting images, made N = 2,048 images cost five
+    times their output bytes. The step count and any other small state stay as they were,
+    in `small`.
+
+    bfloat16 keeps float32's exponent, so no moment under- or overflows; it rounds the
+    mantissa to nearest-even at 8 bits (relative error <= 2^-9). Unpacking is exact, so
+    packing what was unpacked gives the same bits back: a batch that wakes and rests without
+    a step loses nothing more. Why the rounding is acceptable: the moments only scale the
+    step (m / sqrt(v)), they are rounded once per visit, and the images, the output, stay
+    exact float32; benchmarks/dgh_memory.md measures the set BN loss reached both ways. A
+    run with one batch (N <= B) has no idle batch and never packs: it is bit-identical to
+    the float32 path.
+    """
+
+    keys: tuple[str, ...]  # the state keys of `moments`' rows, in order
+    moments: Tensor  # [len(keys), *images.shape], PACKED_DTYPE
+    small: dict[str, Any]
+
+
+def image_sized_keys(state: dict[str, Any], like: Tensor) -> tuple[str, ...]:
+    """The keys of the state tensors as large as the parameter `like`: what gets packed."""
+    return tuple(
+        k
+        for k, v in state.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and v.shape == like.shape
+    )
+
+
+def pack_state(state: dict[str, Any], like: Tensor, out: Tensor | None = None) -> PackedState:
+    """The compact form of one parameter's optimizer state, written into `out` when given
+    ([len(keys), *like.shape], PACKED_DTYPE: a slice of a shared buffer)."""
+    keys = image_sized_keys(state, like)
+    shape = (len(keys), *like.shape)
+    if out is None:
+        out = torch.empty(shape, dtype=PACKED_DTYPE, device=like.device)
+    if out.shape != shape or out.dtype != PACKED_DTYPE:
+        raise ValueError(f"packed state needs {shape} {PACKED_DTYPE}, got {out.shape} {out.dtype}")
+    for row, key in zip(out, keys, strict=True):
+        row.copy_(state[key])
+    small = {k: v for k, v in state.items() if k not in keys}
+    return PackedState(keys, out, small)
+
+
+def unpack_state(packed: PackedState, like: Tensor) -> dict[str, Any]:
+    """Float state laid out as the parameter `like` (channels_last on the CPU), for its
+    optimizer; the packed rows are not modified."""
+    state: dict[str, Any] = dict(packed.small)
+    for row, key in zip(packed.moments, packed.keys, strict=True):
+        state[key] = torch.empty_like(like, memory_format=torch.preserve_format).copy_(row)
+    return state
+
+
+class IdleStore:
+    """The packed optimizer state of every batch of a multi-batch run, in one buffer.
+
+    `wake(b)` gives batch b's optimizer its float32 state back before its step, `rest(b)`
+    packs it after, into b's own rows of the buffer. One buffer, allocated at the first rest
+    and rewritten in place, rather than a fresh one per step: the allocator then has no holes
+    to keep resident, and it goes back to the system in one piece when the run ends.
+    """
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = batches
+        self.starts = [0]
+        for batch in batches:
+            self.starts.append(self.starts[-1] + len(batch.images))
+        self.buffer: Tensor | None = None
+        self.packed: list[PackedState | None] = [None] * len(batches)
+
+    def wake(self, b: int) -> None:
+        """Nothing on the first visit: the optimizer then starts its own state."""
+        packed = self.packed[b]
+        if packed is not None:
+            images = self.batches[b].images
+            self.batches[b].optimizer.state[images] = unpack_state(packed, images)
+
+    def rest(self, b: int) -> None:
+        images = self.batches[b].images
+        state = self.batches[b].optimizer.state.pop(images, None)
+        if not state:
+            return
+        if self.buffer is None:
+            rows = len(image_sized_keys(state, images))
+            shape = (rows, self.starts[-1], *images.shape[1:])
+            self.buffer = torch.empty(shape, dtype=PACKED_DTYPE, device=images.device)
+        out = self.buffer[:, self.starts[b] : self.starts[b + 1]]
+        self.packed[b] = pack_state(state, images, out)
+
+
 # ---------------------------------------------------------------- the generator
 
 
@@ -350,13 +452,16 @@ def generate_dgh(
             spec = scaled(input_spec, scale)
             pipeline = make_pipeline(settings, spec, device, scale)
             padded = replace_size(spec, pipeline.extra).size
+            # Lazy: each start is freed once its batch holds it (on the CPU, channels_last
+            # is a copy), so the starts never cost a second set of images.
             if i == 0:
-                starts = [
+                starts = (
                     init_images(n, replace_size(spec, pipeline.extra), generator) for n in sizes
-                ]
+                )
             else:  # upsample the coarse images; the optimizer starts afresh at the new size
-                starts = [_resize(b.images.detach(), padded) for b in batches]
+                starts = (_resize(b.images.detach(), padded) for b in batches)
             batches = [new_batch(x.to(device, memory_format=layout), settings) for x in starts]
+            del starts
             for batch in batches:
                 clamp_to_pixels_(batch.images, pipeline.bounds)
             run = _make_run(model, hooks, layers, pipeline, settings, batches, rng)
@@ -422,13 +527,23 @@ def _make_run(
 
 
 def _optimize(run: Run, batches: Sequence[Batch], counter: StepCounter, iters: int) -> None:
-    """MCT's order: every iteration visits the batches in a fresh random order."""
+    """MCT's order: every iteration visits the batches in a fresh random order.
+
+    With several batches, each one's optimizer state is packed between its visits
+    (`IdleStore`), so only the batch being optimized holds float32 moments; the packed state
+    is freed when this returns (the end of a phase).
+    """
+    store = IdleStore(batches) if len(batches) > 1 else None
     try:
         for _ in range(iters):
             order = list(range(len(batches)))
             run.rng.shuffle(order)
             for b in order:
+                if store is not None:
+                    store.wake(b)
                 run.step(b, batches[b])
+                if store is not None:
+                    store.rest(b)
                 counter.step()
     finally:
         if run.head is not None:
