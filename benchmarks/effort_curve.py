@@ -86,7 +86,9 @@ def markdown(p: dict) -> str:
         "(simulation top-1, held out)",
         "",
         "`fixed:N` runs N iterations in every unit; `plateau:N` stops a unit's free phase when "
-        "its 10-step mean loss improves by under 2%, then anneals four times as long, within N.",
+        "two 10-step windows in a row fail to beat its best mean loss by 2% (one window, "
+        "against the previous, before commit 'plateau patience'), then anneals four times as "
+        "long, within N.",
         "",
         "| effort | calibrate s | reconstruction s | steps (all units) | top-1 |",
         "|---|---|---|---|---|",

@@ -49,11 +49,13 @@ class ReconSettings:
     iters: int = 500  # per unit; the papers use 10k-20k on a GPU (see benchmarks/ptq.md)
     # "fixed": every unit runs `iters`. "plateau": `iters` is a ceiling; the free phase (no
     # rounding regularizer, constant lr) ends when the loss stops improving by `plateau_tol`
-    # per `plateau_window` steps, and the annealing phase then lasts (1 - warmup) / warmup
-    # times as long, so a unit's effort follows how hard it is (`_free_phase`, `_anneal_steps`).
+    # per `plateau_window` steps (`plateau_patience` windows in a row), and the annealing
+    # phase then lasts (1 - warmup) / warmup times as long, so a unit's effort follows how
+    # hard it is (`_free_phase`, `_anneal_steps`).
     stop: str = "fixed"
     plateau_window: int = 10
     plateau_tol: float = 0.02
+    plateau_patience: int = 2
     # A compute ceiling, in billions of activation elements the units produce over all steps
     # (`unit_cost` x images per step x steps): when set, `iters` shrinks to fit it, so one
     # default suits a 32x32 ResNet and a 224x224 EfficientNet alike (0: no budget).
@@ -113,8 +115,8 @@ def validate(s: ReconSettings) -> None:
         raise UsageError("--stop plateau needs a warm-up share within 0..1 (exclusive)")
     if s.budget < 0:
         raise UsageError(f"the reconstruction budget must be >= 0, got {s.budget}")
-    if s.plateau_window < 1 or s.plateau_tol < 0:
-        raise UsageError("the plateau window must be at least 1 step and its tolerance >= 0")
+    if s.plateau_window < 1 or s.plateau_patience < 1 or s.plateau_tol < 0:
+        raise UsageError("the plateau window and patience must be at least 1, the tolerance >= 0")
     if s.fisher and s.granularity == "layer":
         raise UsageError("--fisher needs --granularity block or stage")
 
@@ -292,20 +294,24 @@ def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progre
 
 
 def _free_phase(step: Callable[[float | None], Tensor], s: ReconSettings) -> int:
-    """Steps without the rounding regularizer at a constant lr until the window-mean loss
-    improves by less than `plateau_tol` (relative) on the window before, at most
-    `warmup * iters` steps; returns the steps taken."""
+    """Steps without the rounding regularizer at a constant lr until `plateau_patience`
+    windows in a row fail to beat the best window-mean loss by `plateau_tol` (relative), at
+    most `warmup * iters` steps; returns the steps taken. Comparing with the best rather than
+    the previous window keeps minibatch noise (many images, small batches) from ending the
+    phase by chance."""
     limit = max(1, int(s.warmup * s.iters))
-    previous = math.inf
-    taken = 0
-    while taken < limit:
+    best = math.inf
+    taken = bad = 0
+    while taken < limit and bad < s.plateau_patience:
         count = min(s.plateau_window, limit - taken)
         total = sum(step(None) for _ in range(count))
         taken += count
         mean = float(total) / count
-        if mean > previous * (1 - s.plateau_tol):
-            break
-        previous = mean
+        if mean > best * (1 - s.plateau_tol):
+            bad += 1
+        else:
+            bad = 0
+        best = min(best, mean)
     return taken
 
 

@@ -256,7 +256,7 @@ PACKED_DTYPE = torch.bfloat16
 
 @dataclass(frozen=True)
 class PackedState:
-    """One idle batch's optimizer state between its visits (issue 12, item 4).
+    """One idle batch's optimizer state between its visits.
 
     Every state tensor shaped like the images (RAdam's and Adam's two moments) is a row of
     `moments`, in bfloat16. Each is as large as the stored (padded) images: in float32 the
