@@ -47,12 +47,17 @@ class CalibrateConfig:
     bn_tune: bool = False
     bias_tune: bool = False
     int8_range: str = "safe"  # 'full': the whole int8 weight grid, exact only where VNNI/ARM
-    plan: QuantPlan | None = None  # a whole plan (bits.json); then bits/keep_fp/int8_range unused
+    plan: QuantPlan | None = None  # a whole plan; then bits/keep_fp/int8_range unused
+    bit_config: Path | None = None  # a bits.json (allocate-bits) holding the plan
 
     def quant_plan(self) -> QuantPlan:
-        """The one plan capture receives: the given one, else the uniform plan of the flags."""
+        """The one plan capture receives: the given one, bits.json's, else the flags'."""
         if self.plan is not None:
             return self.plan
+        if self.bit_config is not None:
+            from qcli.stages.allocate import read_plan
+
+            return read_plan(self.bit_config)
         return QuantPlan.uniform(self.bits, self.keep_fp, self.int8_range)
 
 
@@ -83,12 +88,14 @@ def check_settings(method: str, settings: dict[str, Any]) -> None:
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     check_settings(cfg.method, cfg.settings)
-    prepare_output(cfg.out, cfg.force, inputs={**cfg.data.input_files(), **cfg.model.input_files()})
+    plan = cfg.quant_plan()  # a bad bits.json fails before anything is written
+    inputs = {**cfg.data.input_files(), **cfg.model.input_files(), "--bit-config": cfg.bit_config}
+    prepare_output(cfg.out, cfg.force, inputs=inputs)
     torch.manual_seed(cfg.seed)
     loaded = cfg.model.load(ui)
     require_python_module(loaded, "calibrate")
     ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
-    qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.quant_plan())
+    qg = capture(loaded.module, (3, *loaded.input_spec.size), plan)
     qg.to(device())
     settings = {"seed": cfg.seed, **cfg.settings}
     bs = cfg.data.batch_size
