@@ -158,3 +158,23 @@ def test_calibrate_refuses_bits_with_a_bit_config(bits_json, tmp_path, weights, 
         "--bits", "w4a8", "--out", tmp_path / "x.qcli",
     )  # fmt: skip
     assert code == 2 and "--bits" in err
+
+
+def test_quantize_mixed_allocates_at_the_uniform_size(tmp_path, weights, images):
+    out = tmp_path / "r20"
+    code, stdout, err = run(
+        "quantize", R20, "--weights", weights, "--bits", "w4a8", "--mixed",
+        "--data", images, "--method", "minmax", "--no-bn-tune", "--no-latency",
+        "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    alloc = summary["allocate_bits"]
+    assert alloc["budget"]["met"] and alloc["budget"]["requested"].startswith("size of uniform 4")
+    plan = QuantPlan.from_dict(json.loads((out / "bits.json").read_text())["plan"])
+    saved = QuantPlan.from_dict(
+        json.loads((out / "model.qcli" / "manifest.json").read_text())["plan"]
+    )
+    assert saved.weights == plan.weights and summary["export"]["check"]["ok"]
+    size, _ = _weight_bytes(out / "model.onnx")
+    assert size == pytest.approx(alloc["size_bytes"]) and size <= alloc["budget"]["value"]

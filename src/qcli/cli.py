@@ -357,6 +357,12 @@ def _mb(v) -> str:
     help="BN tuning after calibration [on below 8 bits, where it matters most].",
 )
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@click.option(
+    "--mixed",
+    is_flag=True,
+    help="Mixed precision at the size of uniform --bits weights: allocate-bits picks 2, 3, 4 "
+    "or 8 bits per layer (integer program on measured sensitivities).",
+)
 @int8_range_option
 @weight_storage_option
 @model_options
@@ -376,18 +382,20 @@ def quantize(
     iters,
     bn_tune,
     no_latency,
+    mixed,
     int8_range,
     weight_storage,
     seed,
     ui,
     **kw,
 ):
-    """The whole chain: [generate data] -> calibrate -> export -> eval against FP.
+    """The whole chain: [generate data] -> [allocate bits] -> calibrate -> export -> eval.
 
     \b
     Examples:
       qcli quantize --out effl0-w8                   # embedded EfficientNet-Lite0, data-free
       qcli quantize --bits 4 --iters 100 --out effl0-w4   # QDrop + BN tuning, data-free
+      qcli quantize --bits 4 --mixed --iters 100 --out effl0-mixed4  # 2-8 bits, 4-bit size
       qcli quantize builtin:resnet20_cifar10 --weights r20.th --bits w8a8 \\
           --data cifar10/train --limit 1024 --eval-data cifar10/test --out r20-w8
     """
@@ -418,6 +426,7 @@ def quantize(
         bn_tune=bn_tune,
         int8_range=int8_range,
         weight_storage=weight_storage,
+        mixed=mixed,
     )
     return run(cfg, ui)
 
