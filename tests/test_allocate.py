@@ -178,3 +178,23 @@ def test_quantize_mixed_allocates_at_the_uniform_size(tmp_path, weights, images)
     assert saved.weights == plan.weights and summary["export"]["check"]["ok"]
     size, _ = _weight_bytes(out / "model.onnx")
     assert size == pytest.approx(alloc["size_bytes"]) and size <= alloc["budget"]["value"]
+
+
+def test_sensitivity_measures_only_real_choices():
+    import torch
+
+    from qcli.methods.sensitivity import measure_units
+    from qcli.models import resnet20
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    steps = []
+    units = measure_units(
+        resnet20().eval(), (3, 32, 32), QuantPlan(), (2, 8), (8,), x, 4, steps.append
+    )
+    weights = [u for u in units if u.kind == "weight"]
+    acts = [u for u in units if u.kind == "act"]
+    assert len(steps) == 2 * len(weights)  # one activation width: nothing to choose, not run
+    assert all(u.deg == (0.0,) for u in acts)
+    assert sum(u.deg[0] for u in weights) > sum(u.deg[1] for u in weights)  # 2 bits hurt more
+    assert all(u.params > 0 and u.macs > 0 for u in weights)

@@ -1,12 +1,13 @@
 """Per-quantizer sensitivity for bit allocation: what each quantizer costs the model alone.
 
-For every candidate width, one graph is captured at that width everywhere and given
-MSE range setting on the calibration images (the quick per-width calibration; activation ranges
-are observed on the float forward pass, so they do not depend on which other quantizer is on).
-Then each quantizer alone is switched on and the model's output is compared with the float
-output on the same images: KL(float || quantized) (the degradation the program sums) and the
+For every candidate width, one graph is captured at that width everywhere and given MSE range
+setting on the calibration images (the quick per-width calibration, as `calibrate --method mse`
+sets it). Then each quantizer alone is switched on and the model's output is compared with the
+float output on the same images: KL(float || quantized) (the degradation the program sums) and the
 share of images whose top-1 class changes (the drop a `--max-drop` budget sums). Layer costs
-come along: weights per layer and multiply-adds per image.
+come along: weights per layer and multiply-adds per image. A kind of quantizer with a single
+candidate width (say `--act-bits 8`) has no choice to make and is not measured: its
+degradation is recorded as 0, which shifts every allocation's predicted sum alike.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def measure_units(
     `base` gives everything but the widths (kept layers, int8 range, signedness). Progress
     advances once per quantizer and width measured.
     """
-    widths = sorted(set(weight_bits) | set(act_bits))
+    measured_w = len(set(weight_bits)) > 1
+    measured_a = len(set(act_bits)) > 1
+    widths = sorted(set(weight_bits if measured_w else ()) | set(act_bits if measured_a else ()))
+    widths = widths or [max(weight_bits)]  # costs are still needed
     scores: dict[tuple[str, int], Scores] = {}
     layers: dict[str, tuple[int, int, str | None]] = {}  # params, macs, input unit
     acts: list[str] = []
@@ -114,12 +118,15 @@ def measure_units(
             is_weight = name.endswith(".weight_quantizer")
             if b not in (weight_bits if is_weight else act_bits):
                 continue
+            if not (measured_w if is_weight else measured_a):
+                continue
             q.enabled = True
             unit = name.removesuffix(".weight_quantizer") if is_weight else name
             scores[unit, b] = score(_forward(qg, images, batch), fp_logp, fp_top)
             q.enabled = False
             if progress:
                 progress(1)
+    zero = Scores(0.0, 0.0)
     units = []
     for name, (params, macs, src) in layers.items():
         wb = tuple(sorted(weight_bits))
@@ -128,8 +135,8 @@ def measure_units(
                 name,
                 "weight",
                 wb,
-                tuple(scores[name, b].kl for b in wb),
-                tuple(scores[name, b].flips_pct for b in wb),
+                tuple(scores.get((name, b), zero).kl for b in wb),
+                tuple(scores.get((name, b), zero).flips_pct for b in wb),
                 params=params,
                 macs=macs,
                 input_unit=src,
@@ -137,13 +144,16 @@ def measure_units(
         )
     ab = tuple(sorted(act_bits))
     for name in acts:
-        kls = tuple(scores[name, b].kl for b in ab)
-        units.append(Unit(name, "act", ab, kls, tuple(scores[name, b].flips_pct for b in ab)))
+        kls = tuple(scores.get((name, b), zero).kl for b in ab)
+        flips = tuple(scores.get((name, b), zero).flips_pct for b in ab)
+        units.append(Unit(name, "act", ab, kls, flips))
     return units
 
 
-def count_measurements(qg_layers: int, qg_acts: int, weight_bits, act_bits) -> int:
-    return qg_layers * len(set(weight_bits)) + qg_acts * len(set(act_bits))
+def count_measurements(layers: int, acts: int, weight_bits, act_bits) -> int:
+    """Progress steps of `measure_units`."""
+    nw, na = len(set(weight_bits)), len(set(act_bits))
+    return layers * (nw if nw > 1 else 0) + acts * (na if na > 1 else 0)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from qcli.methods.bit_allocation import (
     uniform,
     weight_bytes,
 )
-from qcli.methods.sensitivity import measure_plan, measure_units
+from qcli.methods.sensitivity import count_measurements, measure_plan, measure_units
 from qcli.models import LoadedModel
 from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import MAX_BITS, MIN_BITS
@@ -240,7 +240,7 @@ def _measure(cfg, loaded, base, images, ui) -> tuple[list[Unit], dict[str, Any]]
     probe = capture(loaded.module, shape, base)
     n_layers = sum(1 for _, layer in probe.layers() if layer.weight_quantizer is not None)
     n_acts = sum(1 for _ in probe.act_quantizers())
-    total = n_layers * len(cfg.weight_bits) + n_acts * len(cfg.act_bits)
+    total = count_measurements(n_layers, n_acts, cfg.weight_bits, cfg.act_bits)
     with ui.task("sensitivity", total=total) as advance:
         units = measure_units(
             loaded.module,
@@ -269,7 +269,7 @@ def _reuse(cfg: AllocateConfig, loaded: LoadedModel) -> tuple[list[Unit], dict[s
             f"--sensitivities '{cfg.sensitivities}' was measured on other weights than "
             f"{loaded.name} has (checksum mismatch)"
         )
-    units = [_unit_from(d) for d in doc.get("sensitivities", {}).get("units", [])]
+    units = [unit_from(d) for d in doc.get("sensitivities", {}).get("units", [])]
     for u in units:
         want = cfg.weight_bits if u.kind == "weight" else cfg.act_bits
         missing = sorted(set(want) - set(u.bits))
@@ -293,7 +293,7 @@ def _restrict(u: Unit, widths: tuple[int, ...]) -> Unit:
     )
 
 
-def _unit_to(u: Unit) -> dict[str, Any]:
+def unit_to(u: Unit) -> dict[str, Any]:
     return {
         "name": u.name,
         "kind": u.kind,
@@ -306,7 +306,7 @@ def _unit_to(u: Unit) -> dict[str, Any]:
     }
 
 
-def _unit_from(d: dict[str, Any]) -> Unit:
+def unit_from(d: dict[str, Any]) -> Unit:
     try:
         return Unit(
             d["name"],
@@ -343,7 +343,7 @@ def bits_document(cfg, loaded, plan, units, budget, alloc, measured, sens_info) 
             "measured": measured,
         },
         "candidates": {"weight": list(cfg.weight_bits), "act": list(cfg.act_bits)},
-        "sensitivities": {"info": sens_info, "units": [_unit_to(u) for u in units]},
+        "sensitivities": {"info": sens_info, "units": [unit_to(u) for u in units]},
         **cfg.extra,
     }
 
