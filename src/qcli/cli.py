@@ -713,7 +713,9 @@ def _allocate_rows(r: dict) -> list[tuple]:
         ),
     ]
     if m:
-        rows.append(("measured KL / top-1 changes", f"{m['kl']:.4f} / {m['flips_pct']:.2f}%"))
+        rows.append(
+            ("measured KL / top-1 changes vs float", f"{m['kl']:.4f} / {m['flips_pct']:.2f}%")
+        )
     return [*rows, ("sensitivity", f"{r.get('sensitivity_seconds')} s")]
 
 
@@ -735,7 +737,8 @@ def _allocate_rows(r: dict) -> list[tuple]:
 )
 @click.option(
     "--max-drop",
-    help="Degradation budget: summed top-1 changes in percent (minimizes size instead).",
+    help="Degradation budget in percent: the top-1 changes each quantizer's width adds over its "
+    "widest candidate, summed (minimizes size instead).",
 )
 @click.option(
     "--solver",
