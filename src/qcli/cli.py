@@ -714,7 +714,10 @@ def _allocate_rows(r: dict) -> list[tuple]:
     ]
     if m:
         rows.append(
-            ("measured KL / top-1 changes vs float", f"{m['kl']:.4f} / {m['flips_pct']:.2f}%")
+            (
+                "measured KL / drop / top-1 changes",
+                f"{m['kl']:.4f} / {m['drop_pct']:.2f}% / {m['flips_pct']:.2f}%",
+            )
         )
     return [*rows, ("sensitivity", f"{r.get('sensitivity_seconds')} s")]
 
@@ -737,8 +740,8 @@ def _allocate_rows(r: dict) -> list[tuple]:
 )
 @click.option(
     "--max-drop",
-    help="Degradation budget in percent: the top-1 changes each quantizer's width adds over its "
-    "widest candidate, summed (minimizes size instead).",
+    help="Degradation budget in percent: the top-1 confidence each quantizer's width loses "
+    "beyond its widest candidate, summed (minimizes size instead).",
 )
 @click.option(
     "--solver",

@@ -44,7 +44,7 @@ class Unit:
     kind: str  # "weight" or "act"
     bits: tuple[int, ...]
     deg: tuple[float, ...]
-    drop: tuple[float, ...] = ()  # top-1 change in percent, for degradation budgets
+    drop: tuple[float, ...] = ()  # top-1 drop in percent (a proxy), for degradation budgets
     params: int = 0  # weight units: weights in the layer
     macs: int = 0  # weight units: multiply-adds per image
     input_unit: str | None = None  # weight units: the activation unit feeding the layer
@@ -54,8 +54,8 @@ class Unit:
             raise ValueError(f"unit {self.name}: one degradation per candidate width")
 
     def added_drop(self, b: int) -> float:
-        """Top-1 changes width `b` adds over the unit's widest candidate, floored at 0 (as the
-        paper floors ΔL): even 8 bits flip a few near-tied images, which no budget can undo."""
+        """The drop width `b` adds over the unit's widest candidate, floored at 0 (as the paper
+        floors ΔL): even 8 bits move a few near-tied images, which no budget can undo."""
         if not self.drop:
             return 0.0
         widest = self.drop[self.bits.index(max(self.bits))]
@@ -141,7 +141,7 @@ def degradation(units: Sequence[Unit], bits: dict[str, int]) -> float:
 
 
 def drop_total(units: Sequence[Unit], bits: dict[str, int]) -> float:
-    """Summed top-1 changes the allocation adds over every unit at its widest width."""
+    """Summed drop the allocation adds over every unit at its widest width."""
     return sum(u.added_drop(bits[u.name]) for u in units)
 
 

@@ -202,7 +202,7 @@ def allocate_bits(cfg: AllocateConfig, ui: UI) -> dict[str, Any]:
     if cfg.verify and images is not None:
         with ui.task("measure the allocation", total=None):
             s = measure_plan(loaded.module, shape, plan, images, cfg.data.batch_size)
-        measured = {"kl": s.kl, "flips_pct": s.flips_pct}
+        measured = {"kl": s.kl, "flips_pct": s.flips_pct, "drop_pct": s.lost_pct}
     doc = bits_document(cfg, loaded, plan, units, budget, alloc, measured, sens_info)
     if cfg.out is not None:
         with atomic_file(cfg.out) as tmp:
@@ -253,7 +253,8 @@ def _measure(cfg, loaded, base, images, ui) -> tuple[list[Unit], dict[str, Any]]
             advance,
         )
     info = {
-        "metric": "KL(float || only this quantizer at this width), nats; flips: top-1 changes, %",
+        "metric": "kl: KL(float || only this quantizer at this width), nats; drop_pct: "
+        "confidence lost on the float top-1 class, 100 * mean max(0, p_float - p_quant)",
         "calibration": "mse ranges per width",
         "images": int(images.shape[0]),
         "data": str(cfg.data.path),
@@ -299,7 +300,7 @@ def unit_to(u: Unit) -> dict[str, Any]:
         "kind": u.kind,
         "bits": list(u.bits),
         "kl": list(u.deg),
-        "flips_pct": list(u.drop),
+        "drop_pct": list(u.drop),
         "params": u.params,
         "macs": u.macs,
         "input": u.input_unit,
@@ -313,7 +314,7 @@ def unit_from(d: dict[str, Any]) -> Unit:
             d["kind"],
             tuple(d["bits"]),
             tuple(float(v) for v in d["kl"]),
-            tuple(float(v) for v in d.get("flips_pct", [])),
+            tuple(float(v) for v in d.get("drop_pct", [])),
             int(d.get("params", 0)),
             int(d.get("macs", 0)),
             d.get("input"),
@@ -397,7 +398,7 @@ def predicted(units: list[Unit], bits: dict[str, int]) -> dict[str, float]:
     """Additive predictions for any allocation (uniform rows of the benchmark use this)."""
     return {
         "kl": degradation(units, bits),
-        "flips_pct": drop_total(units, bits),
+        "drop_pct": drop_total(units, bits),
         "size_bytes": weight_bytes(units, bits),
         "bops": bops_total(units, bits),
     }
