@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (qcli does it too)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SUITES = ("ptq", "deploy", "datagen")
+SUITES = ("ptq", "deploy", "datagen", "bits")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from qcli.export.onnx_qdq import to_onnx
 from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import SAFE_INT8_LIMIT, BitConfig, QuantSpec, weight_spec
 
 SATURATES_HERE = kernels.saturates(kernels.cpu_kernel_class())
@@ -104,7 +105,9 @@ class Mixed(nn.Module):
     ],
 )
 def test_safe_range_narrows_exactly_the_layers_that_could_saturate(bits, int8_range, narrowed):
-    qg = capture(Mixed().eval(), (3, 8, 8), BitConfig.parse(bits), int8_range=int8_range)
+    qg = capture(
+        Mixed().eval(), (3, 8, 8), QuantPlan.uniform(BitConfig.parse(bits), int8_range=int8_range)
+    )
     got = {n for n, layer in qg.layers() if layer.weight_quantizer.spec.limit is not None}
     assert got == narrowed
 
@@ -129,13 +132,8 @@ X = torch.ones(4, 16, 4, 4)  # uint8 code 255 on every input channel
 
 
 def worst_case(int8_range: str, layer_specs=None) -> tuple:
-    qg = capture(
-        WorstCase().eval(),
-        (16, 4, 4),
-        BitConfig(8, 8),
-        int8_range=int8_range,
-        layer_specs=layer_specs,
-    )
+    specs = {f"{k}.weight_quantizer": v for k, v in (layer_specs or {}).items()}
+    qg = capture(WorstCase().eval(), (16, 4, 4), QuantPlan(int8_range=int8_range, specs=specs))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [X], "minmax")
     with torch.no_grad():

@@ -15,6 +15,7 @@ from qcli.errors import QcliError, UsageError
 from qcli.quant import primitives as P
 from qcli.quant.capture import capture, set_quantization
 from qcli.quant.modules import QConv2d, QLinear
+from qcli.quant.plan import QuantPlan
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.ranges import MSE, MinMax, Percentile, weight_qparams
 from qcli.quant.spec import SAFE_INT8_LIMIT, BitConfig, QuantSpec, activation_spec, weight_spec
@@ -517,7 +518,7 @@ def test_no_quantizer_between_conv_and_relu_through_identity():
 
 
 def test_keep_fp_removes_weight_quantizer():
-    qg = capture(small_net(), (3, 8, 8), BitConfig(8, 8), keep_fp=["block.conv2"])
+    qg = capture(small_net(), (3, 8, 8), QuantPlan(keep_fp=("block.conv2",)))
     layers = dict(qg.layers())
     assert layers["block.conv2"].weight_quantizer is None
     assert layers["block.conv1"].weight_quantizer is not None
@@ -527,7 +528,7 @@ def test_keep_fp_removes_weight_quantizer():
 
 
 def test_layer_bits_override():
-    qg = capture(small_net(), (3, 8, 8), BitConfig(8, 8), layer_bits={"block.conv1": 3})
+    qg = capture(small_net(), (3, 8, 8), QuantPlan(weights={"block.conv1": 3}))
     layers = dict(qg.layers())
     assert layers["block.conv1"].weight_quantizer.spec == weight_spec(3)
     # 8-bit weights of a regular conv: the saturation-safe grid by default
@@ -536,7 +537,7 @@ def test_layer_bits_override():
 
 def test_keep_fp_unknown_name():
     with pytest.raises(QcliError, match=r"no_such_layer"):
-        capture(small_net(), (3, 8, 8), BitConfig(8, 8), keep_fp=["no_such_layer"])
+        capture(small_net(), (3, 8, 8), QuantPlan(keep_fp=("no_such_layer",)))
 
 
 def test_unsupported_upsample_is_named():

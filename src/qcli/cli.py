@@ -364,6 +364,12 @@ def _mb(v) -> str:
     help="BN tuning after calibration [on below 8 bits, where it matters most].",
 )
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@click.option(
+    "--mixed",
+    is_flag=True,
+    help="Mixed precision at the size of uniform --bits weights: allocate-bits picks 2, 3, 4 "
+    "or 8 bits per layer (integer program on measured sensitivities).",
+)
 @int8_range_option
 @weight_storage_option
 @model_options
@@ -384,18 +390,20 @@ def quantize(
     stop,
     bn_tune,
     no_latency,
+    mixed,
     int8_range,
     weight_storage,
     seed,
     ui,
     **kw,
 ):
-    """The whole chain: [generate data] -> calibrate -> export -> eval against FP.
+    """The whole chain: [generate data] -> [allocate bits] -> calibrate -> export -> eval.
 
     \b
     Examples:
       qcli quantize --out effl0-w8                   # embedded EfficientNet-Lite0, data-free
       qcli quantize --bits 4 --iters 100 --out effl0-w4   # QDrop + BN tuning, data-free
+      qcli quantize --bits 4 --mixed --iters 100 --out effl0-mixed4  # 2-8 bits, 4-bit size
       qcli quantize builtin:resnet20_cifar10 --weights r20.th --bits w8a8 \\
           --data cifar10/train --limit 1024 --eval-data cifar10/test --out r20-w8
     """
@@ -427,6 +435,7 @@ def quantize(
         bn_tune=bn_tune,
         int8_range=int8_range,
         weight_storage=weight_storage,
+        mixed=mixed,
     )
     return run(cfg, ui)
 
@@ -626,6 +635,12 @@ def _calibrate_rows(r: dict) -> list[tuple]:
     "--show-units", is_flag=True, help="Print the reconstruction units and exit (no --data)."
 )
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@click.option(
+    "--bit-config",
+    type=PathArg(exists=True, dir_okay=False, path_type=Path),
+    help="bits.json from allocate-bits: per-layer widths (replaces --bits, --keep-fp, "
+    "--int8-range).",
+)
 @int8_range_option
 @click.option("--out", type=PathArg(path_type=Path), help="Quantized-model folder (.qcli).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -646,6 +661,7 @@ def calibrate(
     bias_tune,
     show_units,
     keep_fp,
+    bit_config,
     int8_range,
     out,
     force,
@@ -662,10 +678,14 @@ def calibrate(
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --limit 1024 --bits w4a4 --method qdrop --iters 1000 --bn-tune --out r20-w4a4.qcli
       qcli calibrate builtin:efficientnet_lite0 --method brecq --show-units
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --bit-config bits.json --method adaround --out r20-mixed.qcli   # mixed precision
     """
     from qcli.stages.calibrate import CalibrateConfig, show_units_of
     from qcli.stages.calibrate import calibrate as run
 
+    if bit_config is not None:
+        _refuse_given(("bits", "keep_fp", "int8_range"), "cannot be given with --bit-config")
     keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
     settings = {"granularity": granularity, "iters": iters, "stop": stop, "drop_prob": drop_prob}
     settings = {k: v for k, v in settings.items() if v is not None}
@@ -685,6 +705,7 @@ def calibrate(
         bn_tune,
         bias_tune,
         int8_range,
+        bit_config=bit_config,
     )
     if show_units:
         return show_units_of(cfg, granularity, ui)
@@ -692,6 +713,152 @@ def calibrate(
         raise UsageError("calibrate needs --data (calibration images)")
     if out is None:
         raise UsageError("calibrate needs --out (the .qcli folder to write)")
+    return run(cfg, ui)
+
+
+# -- allocate-bits --------------------------------------------------------------------------
+
+
+def _allocate_rows(r: dict) -> list[tuple]:
+    m = r.get("measured") or {}
+    rows = [
+        ("out", r["out"]),
+        ("model", r["model"]),
+        ("budget", f"{r['budget']['requested']} (met: {r['budget']['met']})"),
+        ("solver / status", f"{r['solver']} / {r['status']} in {r['seconds']:.3f} s"),
+        ("weight size", f"{r['size_bytes']:,.0f} bytes"),
+        ("bit-operations", f"{r['bops'] / 1e9:.3f} G"),
+        (
+            "predicted KL / top-1 changes",
+            f"{r['predicted_degradation']:.4f} / {r['predicted_drop_pct']:.2f}%",
+        ),
+    ]
+    if m:
+        rows.append(
+            (
+                "measured KL / drop / top-1 changes",
+                f"{m['kl']:.4f} / {m['drop_pct']:.2f}% / {m['flips_pct']:.2f}%",
+            )
+        )
+    return [*rows, ("sensitivity", f"{r.get('sensitivity_seconds')} s")]
+
+
+@cli.command("allocate-bits")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option(
+    "--weight-bits", default="2,3,4,8", show_default=True, help="Candidate weight widths."
+)
+@click.option("--act-bits", default="8", show_default=True, help="Candidate activation widths.")
+@click.option(
+    "--max-size",
+    help="Weight-size budget: bytes with a unit (120KB, 0.5MB, 2MiB) or the size of uniform "
+    "weights (4bit).",
+)
+@click.option("--max-size-ratio", help="Weight-size budget as a share of the float32 size.")
+@click.option(
+    "--max-bops",
+    help="Bit-operation budget per image: giga bit-operations (2.5) or a uniform width (w4a8).",
+)
+@click.option(
+    "--max-drop",
+    help="Degradation budget in percent: the top-1 confidence each quantizer's width loses "
+    "beyond its widest candidate, summed (minimizes size instead).",
+)
+@click.option(
+    "--solver",
+    type=click.Choice(["ip", "greedy"]),
+    default="ip",
+    show_default=True,
+    help="ip: the optimal integer program (OR-Tools CP-SAT); greedy: the baseline.",
+)
+@click.option(
+    "--images",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Calibration images the sensitivities are measured on (without --limit).",
+)
+@click.option(
+    "--sensitivities",
+    type=PathArg(exists=True, dir_okay=False, path_type=Path),
+    help="Reuse the sensitivities stored in an earlier bits.json (no --data needed).",
+)
+@click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@int8_range_option
+@click.option("--out", type=PathArg(path_type=Path), help="bits.json to write.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@model_options
+@data_options(required=False)
+@common
+@run_stage("qcli allocate-bits", _allocate_rows)
+def allocate_bits(
+    model,
+    weight_bits,
+    act_bits,
+    max_size,
+    max_size_ratio,
+    max_bops,
+    max_drop,
+    solver,
+    images,
+    sensitivities,
+    keep_fp,
+    int8_range,
+    out,
+    force,
+    seed,
+    ui,
+    **kw,
+):
+    """Choose per-layer bit widths under a budget; writes bits.json for calibrate.
+
+    Measures how much each quantizer alone degrades the model at every candidate width
+    (KL to the float output on the calibration images), then picks one width per quantizer
+    minimizing the summed degradation under the budget (or the size under --max-drop).
+
+    \b
+    Examples:
+      qcli allocate-bits builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --weight-bits 2,3,4,8 --act-bits 8 --max-size 4bit --out bits.json
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --bit-config bits.json --method mse --out r20-mixed.qcli
+      qcli allocate-bits builtin:resnet20_cifar10 --weights r20.th \\
+          --sensitivities bits.json --max-size 3bit --solver greedy --out bits3.json
+    """
+    from qcli.stages.allocate import AllocateConfig, parse_budget, parse_widths
+    from qcli.stages.allocate import allocate_bits as run
+
+    given = {
+        k: v
+        for k, v in {
+            "size": max_size,
+            "ratio": max_size_ratio,
+            "bops": max_bops,
+            "drop": max_drop,
+        }.items()
+        if v is not None
+    }
+    if len(given) != 1:
+        raise UsageError(
+            "give exactly one budget: --max-size, --max-size-ratio, --max-bops or --max-drop"
+        )
+    ((kind, text),) = given.items()
+    budget = parse_budget(kind, text)
+    cfg = AllocateConfig(
+        _model(model, kw),
+        _data(kw),
+        out,
+        budget,
+        parse_widths("--weight-bits", weight_bits),
+        parse_widths("--act-bits", act_bits),
+        solver,
+        tuple(k.strip() for k in keep_fp.split(",") if k.strip()),
+        int8_range,
+        images,
+        sensitivities,
+        seed=seed,
+        force=force,
+    )
     return run(cfg, ui)
 
 

@@ -221,7 +221,7 @@ def to_onnx(qg: QuantGraph, weight_storage: str = "int8") -> onnx.ModelProto:
         model,
         {
             "qcli_version": __version__,
-            "qcli_bits": str(qg.bits),
+            "qcli_bits": qg.base_plan.describe(),
             "qcli_quantizers": json.dumps(bits),
             "qcli_weight_storage": weight_storage,
             "qcli_int8_range": qg.int8_range,

@@ -13,8 +13,9 @@ The result is the simulation: running it is running the quantized model.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
@@ -24,9 +25,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from qcli.errors import QcliError
 from qcli.quant import ops
 from qcli.quant.modules import PaddedConv2d, QConv2d, QLinear
+from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.spec import (
-    INT8_RANGES,
     SAFE_INT8_LIMIT,
     BitConfig,
     QuantSpec,
@@ -47,17 +48,37 @@ class _Tracer(fx.Tracer):
 
 @dataclass
 class QuantGraph:
-    """A traced, quantizer-equipped model plus what it was built with."""
+    """A traced, quantizer-equipped model plus the plan it was built from."""
 
     module: fx.GraphModule
-    bits: BitConfig
+    base_plan: QuantPlan
     input_shape: tuple[int, ...]  # (C, H, W)
-    keep_fp: tuple[str, ...] = ()
-    layer_bits: dict[str, int] = field(default_factory=dict)
-    int8_range: str = "safe"
     # Paths of Sequential/ModuleList/ModuleDict in the original model: fx flattens the module
     # tree into plain modules, and the partition needs to tell blocks from containers.
     containers: frozenset[str] = frozenset()
+
+    @property
+    def plan(self) -> QuantPlan:
+        """The plan with every quantizer's current spec: capturing it again rebuilds this
+        graph's quantizers exactly, including what calibration changed (widened grids)."""
+        return dataclasses.replace(
+            self.base_plan, specs={name: q.spec for name, q in self.quantizers()}
+        )
+
+    @property
+    def bits(self) -> BitConfig:
+        return self.base_plan.bits
+
+    @property
+    def keep_fp(self) -> tuple[str, ...]:
+        return self.base_plan.keep_fp
+
+    @property
+    def int8_range(self) -> str:
+        return self.base_plan.int8_range
+
+    def min_act_bits(self) -> int:
+        return min((q.spec.bits for _, q in self.act_quantizers()), default=self.bits.activation)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.module(x)
@@ -87,26 +108,19 @@ class QuantGraph:
 
 
 def capture(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    bits: BitConfig,
-    keep_fp: Iterable[str] = (),
-    layer_bits: dict[str, int] | None = None,
-    int8_range: str = "safe",
-    layer_specs: dict[str, QuantSpec] | None = None,
+    model: nn.Module, input_shape: tuple[int, ...], plan: QuantPlan | BitConfig
 ) -> QuantGraph:
-    """Build the quantized simulation of `model` (which is not modified).
+    """Build the quantized simulation of `model` (which is not modified) as `plan` says.
 
-    `keep_fp` names conv/linear layers (module paths) left in float with a float output;
-    `layer_bits` overrides the weight bits of single layers (mixed precision). `int8_range`
-    'safe' narrows 8-bit weights that onnxruntime pairs in int16 to ±SAFE_INT8_LIMIT (see
-    `safe_weight_spec`); 'full' keeps the whole int8 grid. `layer_specs` gives layers their
-    exact weight spec (a reloaded .qcli: what was saved is what is rebuilt).
+    A `BitConfig` means the uniform plan of those widths. Layers in `plan.keep_fp` stay float
+    with a float output; a quantizer named in `plan.specs` gets exactly that spec (a reloaded
+    .qcli); otherwise weights get `plan.layer_weight_bits` on the grid `safe_weight_spec`
+    picks for their input, activations `plan.act_quantizer_bits`. A plan naming a layer or
+    quantizer the model does not have is an error, not silently ignored.
     """
-    if int8_range not in INT8_RANGES:
-        raise ValueError(f"int8_range must be one of {INT8_RANGES}, got {int8_range!r}")
-    keep = tuple(keep_fp)
-    layer_bits = dict(layer_bits or {})
+    if isinstance(plan, BitConfig):
+        plan = QuantPlan.uniform(plan)
+    keep = plan.keep_fp
     model = copy.deepcopy(model).float().eval()
     example = torch.zeros(1, *input_shape)
     _rewrite_modules(model, example)
@@ -118,20 +132,24 @@ def capture(
     _check_supported(gm, example)
     _fold_batchnorm(gm)
     _check_names(gm, keep, "--keep-fp")
-    _check_names(gm, tuple(layer_bits), "bit allocation")
+    _check_names(gm, tuple(dict(plan.weights)), "bit allocation")
+    weight_specs = {
+        k.removesuffix(WEIGHT_SUFFIX): s for k, s in plan.specs if k.endswith(WEIGHT_SUFFIX)
+    }
+    _check_names(gm, tuple(weight_specs), "plan")
     specs = {
-        name: safe_weight_spec(m, layer_bits.get(name, bits.weight), bits.activation, int8_range)
+        name: weight_specs.get(name) or weight_spec(plan.layer_weight_bits(name))
         for name, m in gm.named_modules()
         if isinstance(m, nn.Conv2d | nn.Linear) and name not in keep
     }
-    specs.update(layer_specs or {})
     _quantize_layers(gm, specs)
-    _insert_act_quantizers(gm, bits, keep)
+    _insert_act_quantizers(gm, plan)
     _link_input_quantizers(gm)
+    _narrow_weights(gm, plan, set(weight_specs))
     gm.graph.lint()
     gm.recompile()
     _propagate_shapes(gm, example)
-    return QuantGraph(gm, bits, tuple(input_shape), keep, layer_bits, int8_range, containers)
+    return QuantGraph(gm, plan, tuple(input_shape), containers)
 
 
 # -- 1. module rewrites ---------------------------------------------------------------------
@@ -300,6 +318,21 @@ def safe_weight_spec(m: nn.Module, bits: int, act_bits: int, int8_range: str) ->
     return weight_spec(bits, limit=SAFE_INT8_LIMIT if narrow else None)
 
 
+def _narrow_weights(gm: fx.GraphModule, plan: QuantPlan, exact: set[str]) -> None:
+    """Give each weight quantizer without an exact spec the grid its input allows: the
+    narrowing depends on the bits of the activation quantizer feeding the layer."""
+    for name, m in gm.named_modules():
+        if (
+            isinstance(m, QConv2d | QLinear)
+            and m.weight_quantizer is not None
+            and name not in exact
+        ):
+            iq = m.input_quantizer
+            act_bits = iq.spec.bits if iq is not None else plan.act_bits
+            spec = m.weight_quantizer.spec
+            m.weight_quantizer.spec = safe_weight_spec(m, spec.bits, act_bits, plan.int8_range)
+
+
 def _quantize_layers(gm: fx.GraphModule, specs: dict[str, QuantSpec]) -> None:
     for name, m in list(gm.named_modules()):
         if isinstance(m, QConv2d | QLinear):
@@ -312,13 +345,24 @@ def _quantize_layers(gm: fx.GraphModule, specs: dict[str, QuantSpec]) -> None:
 # -- 5. activation quantizers ---------------------------------------------------------------
 
 
-def _insert_act_quantizers(gm: fx.GraphModule, bits: BitConfig, keep: tuple[str, ...]) -> None:
+def _insert_act_quantizers(gm: fx.GraphModule, plan: QuantPlan) -> None:
     mods = dict(gm.named_modules())
     kinds = {n: _kind(n, mods) for n in gm.graph.nodes}
-    spec = activation_spec(bits.activation)
+    named = {k: s for k, s in plan.specs if not k.endswith(WEIGHT_SUFFIX)}
+    inserted = set()
     for n in list(gm.graph.nodes):
-        if _needs_quantizer(n, kinds, keep):
-            _insert_after(gm, n, Quantizer(spec), f"act_quant.{n.name}")
+        if _needs_quantizer(n, kinds, plan.keep_fp):
+            name = f"act_quant.{n.name}"
+            bits = plan.act_quantizer_bits(name)
+            spec = named.get(name) or activation_spec(bits, plan.signed_activations)
+            _insert_after(gm, n, Quantizer(spec), name)
+            inserted.add(name)
+    unknown = sorted((set(dict(plan.activations)) | set(named)) - inserted)
+    if unknown:
+        raise QcliError(
+            f"plan: the model has no activation quantizer named '{unknown[0]}' "
+            f"(they are e.g. {', '.join(sorted(inserted)[:3])})"
+        )
 
 
 def _kind(n: fx.Node, mods: dict[str, nn.Module]) -> str | None:

@@ -18,6 +18,7 @@ from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensit
 from qcli.methods.range_setting import fit_bias_grids
 from qcli.methods.registry import CALIBRATION_METHODS, load_all
 from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 from qcli.stages.common import (
     DataOptions,
@@ -46,6 +47,18 @@ class CalibrateConfig:
     bn_tune: bool = False
     bias_tune: bool = False
     int8_range: str = "safe"  # 'full': the whole int8 weight grid, exact only where VNNI/ARM
+    plan: QuantPlan | None = None  # a whole plan; then bits/keep_fp/int8_range unused
+    bit_config: Path | None = None  # a bits.json (allocate-bits) holding the plan
+
+    def quant_plan(self) -> QuantPlan:
+        """The one plan capture receives: the given one, bits.json's, else the flags'."""
+        if self.plan is not None:
+            return self.plan
+        if self.bit_config is not None:
+            from qcli.stages.allocate import read_plan
+
+            return read_plan(self.bit_config)
+        return QuantPlan.uniform(self.bits, self.keep_fp, self.int8_range)
 
 
 # The flag that sets each method setting, for messages.
@@ -76,18 +89,14 @@ def check_settings(method: str, settings: dict[str, Any]) -> None:
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     check_settings(cfg.method, cfg.settings)
-    prepare_output(cfg.out, cfg.force, inputs={**cfg.data.input_files(), **cfg.model.input_files()})
+    plan = cfg.quant_plan()  # a bad bits.json fails before anything is written
+    inputs = {**cfg.data.input_files(), **cfg.model.input_files(), "--bit-config": cfg.bit_config}
+    prepare_output(cfg.out, cfg.force, inputs=inputs)
     torch.manual_seed(cfg.seed)
     loaded = cfg.model.load(ui)
     require_python_module(loaded, "calibrate")
     ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
-    qg = capture(
-        loaded.module,
-        (3, *loaded.input_spec.size),
-        cfg.bits,
-        cfg.keep_fp,
-        int8_range=cfg.int8_range,
-    )
+    qg = capture(loaded.module, (3, *loaded.input_spec.size), plan)
     qg.to(device())
     settings = {"seed": cfg.seed, **cfg.settings}
     bs = cfg.data.batch_size
@@ -128,7 +137,7 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     return {
         "out": str(cfg.out),
         "model": loaded.name,
-        "bits": str(cfg.bits),
+        "bits": qg.base_plan.describe(),
         "method": cfg.method,
         "layers": sum(1 for _ in qg.layers()),
         "activation_quantizers": sum(1 for _ in qg.act_quantizers()),
@@ -188,7 +197,7 @@ def show_units_of(cfg: CalibrateConfig, granularity: str | None, ui: UI) -> dict
 
     loaded = cfg.model.load(ui)
     require_python_module(loaded, "reconstruct")
-    qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.bits, cfg.keep_fp)
+    qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.quant_plan())
     g = granularity or PRESETS.get(cfg.method, {}).get("granularity", "block")
     units = describe_units(qg, g)
     rows = [

@@ -18,10 +18,11 @@ from torch.utils.data import Dataset
 from qcli import __version__
 from qcli.artifacts import read_qmodel, write_qmodel
 from qcli.data import iterate, open_data
-from qcli.errors import QcliError
+from qcli.errors import QcliError, UsageError
 from qcli.models import InputSpec, LoadedModel, ModelSource, load_model
 from qcli.models.spec import family_of
 from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
 from qcli.quant.spec import BitConfig, QuantSpec
 from qcli.ui import UI
 
@@ -132,10 +133,10 @@ def save_qmodel(
         "model_name": loaded.name,
         "checksum": loaded.checksum,
         "input_spec": loaded.input_spec.to_dict(),
-        "bits": str(qg.bits),
+        "bits": qg.base_plan.describe(),
         "keep_fp": list(qg.keep_fp),
-        "layer_bits": qg.layer_bits,
         "int8_range": qg.int8_range,
+        "plan": qg.plan.to_dict(),  # what a reload rebuilds; the rest is for people to read
         "layers": layers,
         "activations": acts,
         **extra,
@@ -164,7 +165,7 @@ def load_qmodel(path: Path, weights: str | Path | None = None) -> QModel:
     try:
         source = ModelSource.from_dict(manifest["source"])
         spec = InputSpec.from_dict(manifest["input_spec"])
-        bits = BitConfig.parse(manifest["bits"])
+        plan = manifest_plan(manifest, str(path))
     except (KeyError, TypeError) as e:
         raise QcliError(f"quantized model '{path}' has an incomplete manifest ({e})") from e
     source = _locate_source(path, source, weights)
@@ -174,25 +175,7 @@ def load_qmodel(path: Path, weights: str | Path | None = None) -> QModel:
             f"quantized model '{path}' was made from different weights than "
             f"'{source.weights or source.spec}' has now (checksum mismatch)"
         )
-    try:
-        layer_specs = {
-            layer["name"]: QuantSpec.from_dict(layer["weight"])
-            for layer in manifest.get("layers", [])
-            if layer.get("weight")
-        }
-    except (KeyError, TypeError, ValueError) as e:
-        raise QcliError(f"quantized model '{path}' has a malformed layer spec ({e})") from e
-    qg = capture(
-        loaded.module,
-        (3, *spec.size),
-        bits,
-        keep_fp=manifest.get("keep_fp", []),
-        layer_bits=manifest.get("layer_bits", {}),
-        # .qcli folders from before int8 ranges existed hold the full grid: export then stores
-        # the layers that could saturate as uint8, so they stay exact everywhere.
-        int8_range=manifest.get("int8_range", "safe"),
-        layer_specs=layer_specs,
-    )
+    qg = capture(loaded.module, (3, *spec.size), plan)
     missing, unexpected = qg.module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise QcliError(
@@ -200,6 +183,30 @@ def load_qmodel(path: Path, weights: str | Path | None = None) -> QModel:
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
         )
     return QModel(qg, manifest, spec, source)
+
+
+def manifest_plan(manifest: dict[str, Any], path: str) -> QuantPlan:
+    """The plan a .qcli was saved with; folders from before plans existed carry its parts
+    apart (default bits, kept layers, per-layer weight specs), which say the same."""
+    where = f"quantized model '{path}'"
+    try:
+        if "plan" in manifest:
+            return QuantPlan.from_dict(manifest["plan"], where)
+        bits = BitConfig.parse(manifest["bits"])
+        specs = {
+            f"{layer['name']}{WEIGHT_SUFFIX}": QuantSpec.from_dict(layer["weight"])
+            for layer in manifest.get("layers", [])
+            if layer.get("weight")
+        }
+        # .qcli folders from before int8 ranges existed hold the full grid: export then stores
+        # the layers that could saturate as uint8, so they stay exact everywhere.
+        plan = QuantPlan.uniform(
+            bits, tuple(manifest.get("keep_fp", [])), manifest.get("int8_range", "safe")
+        )
+        plan = plan.with_bits(weights=manifest.get("layer_bits", {}))
+        return dataclasses.replace(plan, specs=specs)
+    except (UsageError, ValueError, AttributeError) as e:
+        raise QcliError(f"{where} has a malformed plan ({e})") from e
 
 
 def recorded_file(source: ModelSource) -> str | None:

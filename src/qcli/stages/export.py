@@ -160,7 +160,7 @@ def compare_with_simulation(
     runs = {"reference": OrtModel(onnx_path, optimize=False)}
     if fused:
         runs["integer kernels"] = OrtModel(onnx_path)
-    tol = MAX_RELATIVE_ERROR_A8 if qm.graph.bits.activation >= 8 else MAX_RELATIVE_ERROR
+    tol = MAX_RELATIVE_ERROR_A8 if qm.graph.min_act_bits() >= 8 else MAX_RELATIVE_ERROR
     reports = {
         k: agreement_report(sim, torch.as_tensor(np.asarray(m(x))), tol) for k, m in runs.items()
     }

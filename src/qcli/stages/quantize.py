@@ -18,6 +18,7 @@ from qcli.artifacts.atomic import write_manifest
 from qcli.errors import QcliError
 from qcli.methods.registry import CALIBRATION_METHODS, load_all
 from qcli.quant.spec import BitConfig
+from qcli.stages.allocate import AllocateConfig, BudgetRequest, allocate_bits
 from qcli.stages.calibrate import CalibrateConfig, calibrate, check_settings
 from qcli.stages.common import DataOptions, ModelOptions
 from qcli.stages.evaluate import EvalConfig, evaluate
@@ -53,6 +54,12 @@ class QuantizeConfig:
     bn_tune: bool | None = None  # None: on below 8 bits
     int8_range: str = "safe"
     weight_storage: str = "int8"  # int8 runs in integer kernels; int4 is smaller but slower
+    # Mixed precision at the size of uniform `bits.weight` weights: allocate-bits over
+    # MIXED_WIDTHS (activations stay at bits.activation), then calibrate that plan.
+    mixed: bool = False
+
+
+MIXED_WIDTHS = (2, 3, 4, 8)
 
 
 # Short-budget settings per generator (RAdam's rectified warm-up spends most of a 50-step run
@@ -106,7 +113,7 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
     prepare_output(cfg.out, cfg.force, inputs=inputs)
     summary: dict[str, Any] = {
         "model": cfg.model.spec,
-        "bits": str(cfg.bits),
+        "bits": f"mixed at the size of w{cfg.bits.weight}" if cfg.mixed else str(cfg.bits),
         "method": method,
         "out": str(cfg.out),
     }
@@ -132,6 +139,22 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
             data = DataOptions(tmp / "calib-data")
         qpath, opath = tmp / "model.qcli", tmp / "model.onnx"
         low = cfg.bits.weight < 8 or cfg.bits.activation < 8
+        bit_config = None
+        if cfg.mixed:
+            bit_config = tmp / "bits.json"
+            summary["allocate_bits"] = allocate_bits(
+                AllocateConfig(
+                    cfg.model,
+                    data,
+                    bit_config,
+                    BudgetRequest("size", weight_bits=cfg.bits.weight),
+                    tuple(sorted({*MIXED_WIDTHS, cfg.bits.weight})),
+                    (cfg.bits.activation,),
+                    int8_range=cfg.int8_range,
+                    seed=cfg.seed,
+                ),
+                ui,
+            )
         summary["calibrate"] = calibrate(
             CalibrateConfig(
                 cfg.model,
@@ -143,6 +166,7 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
                 settings=settings,
                 bn_tune=low if cfg.bn_tune is None else cfg.bn_tune,
                 int8_range=cfg.int8_range,
+                bit_config=bit_config,
             ),
             ui,
         )

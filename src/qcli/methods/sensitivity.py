@@ -1,0 +1,190 @@
+"""Per-quantizer sensitivity for bit allocation: what each quantizer costs the model alone.
+
+For every candidate width, one graph is captured at that width everywhere and given MSE range
+setting on the calibration images (the quick per-width calibration, as `calibrate --method mse`
+sets it). Then each quantizer alone is switched on and the model's output is compared with the
+float output on the same images: KL(float || quantized) (the degradation the program sums) and
+the confidence lost on the float top-1 class (the drop a `--max-drop` budget sums; `Scores`).
+Layer costs come along: weights per layer and multiply-adds per image. A kind of quantizer with
+a single candidate width (say `--act-bits 8`) has no choice to make and is not measured: its
+degradation is recorded as 0, which shifts every allocation's predicted sum alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qcli.methods.bit_allocation import Unit
+from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
+from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.plan import QuantPlan
+
+
+@dataclass(frozen=True)
+class Scores:
+    """How far a quantized output is from the float output, over the same images."""
+
+    kl: float  # KL(float || quantized), batch mean, in nats
+    flips_pct: float  # images whose top-1 class differs from the float model's, in percent
+    # Confidence lost on the float top-1 class, 100 · mean max(0, p_float(c) - p_quant(c)):
+    # the drop a `--max-drop` budget sums. Flips come in steps of one image (3% of 32), so a
+    # layer that moves no decision on few images would look free; this moves smoothly.
+    lost_pct: float = 0.0
+
+
+@torch.no_grad()
+def score(logits: Tensor, fp_log_probs: Tensor, fp_top: Tensor) -> Scores:
+    logp = F.log_softmax(logits.float(), 1)
+    kl = float(F.kl_div(logp, fp_log_probs, log_target=True, reduction="batchmean"))
+    flips = float((logp.argmax(1) != fp_top).float().mean()) * 100
+    idx = fp_top[:, None]
+    lost = (fp_log_probs.gather(1, idx).exp() - logp.gather(1, idx).exp()).clamp(min=0)
+    return Scores(max(kl, 0.0), flips, float(lost.mean()) * 100)
+
+
+def calibrated_graph(
+    model: nn.Module, shape: tuple[int, ...], plan: QuantPlan, images: Tensor, batch: int
+) -> QuantGraph:
+    """Capture `plan` and set its ranges with MSE: the quick calibration that sensitivity and
+    the check of an allocation both use."""
+    qg = capture(model, shape, plan)
+    qg.to(images.device)
+    set_weight_ranges(qg, "mse")
+    set_activation_ranges(qg, images.split(batch), "mse")
+    fit_bias_grids(qg)
+    return qg
+
+
+@torch.no_grad()
+def _forward(qg: QuantGraph, images: Tensor, batch: int) -> Tensor:
+    return torch.cat([qg(x) for x in images.split(batch)])
+
+
+@torch.no_grad()
+def measure_plan(
+    model: nn.Module, shape: tuple[int, ...], plan: QuantPlan, images: Tensor, batch: int
+) -> Scores:
+    """The whole plan's measured degradation: what the additive prediction is checked against."""
+    qg = calibrated_graph(model, shape, plan, images, batch)
+    fp_logp, fp_top = _float_reference(qg, images, batch)
+    return score(_forward(qg, images, batch), fp_logp, fp_top)
+
+
+def _float_reference(qg: QuantGraph, images: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    states = [(q, q.enabled) for _, q in qg.quantizers()]
+    for q, _ in states:
+        q.enabled = False
+    try:
+        logp = F.log_softmax(_forward(qg, images, batch).float(), 1)
+    finally:
+        for q, s in states:
+            q.enabled = s
+    return logp, logp.argmax(1)
+
+
+@torch.no_grad()
+def measure_units(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    base: QuantPlan,
+    weight_bits: Sequence[int],
+    act_bits: Sequence[int],
+    images: Tensor,
+    batch: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[Unit]:
+    """One Unit per weight and activation quantizer, with its degradation at every width.
+
+    `base` gives everything but the widths (kept layers, int8 range, signedness). Progress
+    advances once per quantizer and width measured.
+    """
+    measured_w = len(set(weight_bits)) > 1
+    measured_a = len(set(act_bits)) > 1
+    widths = sorted(set(weight_bits if measured_w else ()) | set(act_bits if measured_a else ()))
+    widths = widths or [max(weight_bits)]  # costs are still needed
+    scores: dict[tuple[str, int], Scores] = {}
+    layers: dict[str, tuple[int, int, str | None]] = {}  # params, macs, input unit
+    acts: list[str] = []
+    for b in widths:
+        plan = replace(base, weight_bits=b, act_bits=b, weights=(), activations=(), specs=())
+        qg = calibrated_graph(model, shape, plan, images, batch)
+        fp_logp, fp_top = _float_reference(qg, images, batch)
+        quantizers = list(qg.quantizers())
+        if not layers:
+            layers = _layer_costs(qg, images[:1])
+            acts = [n for n, _ in qg.act_quantizers()]
+        for _, q in quantizers:
+            q.enabled = False
+        for name, q in quantizers:
+            is_weight = name.endswith(".weight_quantizer")
+            if b not in (weight_bits if is_weight else act_bits):
+                continue
+            if not (measured_w if is_weight else measured_a):
+                continue
+            q.enabled = True
+            unit = name.removesuffix(".weight_quantizer") if is_weight else name
+            scores[unit, b] = score(_forward(qg, images, batch), fp_logp, fp_top)
+            q.enabled = False
+            if progress:
+                progress(1)
+    zero = Scores(0.0, 0.0)
+    units = []
+    for name, (params, macs, src) in layers.items():
+        wb = tuple(sorted(weight_bits))
+        units.append(
+            Unit(
+                name,
+                "weight",
+                wb,
+                tuple(scores.get((name, b), zero).kl for b in wb),
+                tuple(scores.get((name, b), zero).lost_pct for b in wb),
+                params=params,
+                macs=macs,
+                input_unit=src,
+            )
+        )
+    ab = tuple(sorted(act_bits))
+    for name in acts:
+        kls = tuple(scores.get((name, b), zero).kl for b in ab)
+        lost = tuple(scores.get((name, b), zero).lost_pct for b in ab)
+        units.append(Unit(name, "act", ab, kls, lost))
+    return units
+
+
+def count_measurements(layers: int, acts: int, weight_bits, act_bits) -> int:
+    """Progress steps of `measure_units`."""
+    nw, na = len(set(weight_bits)), len(set(act_bits))
+    return layers * (nw if nw > 1 else 0) + acts * (na if na > 1 else 0)
+
+
+@torch.no_grad()
+def _layer_costs(qg: QuantGraph, x: Tensor) -> dict[str, tuple[int, int, str | None]]:
+    """Per quantized layer: weights, multiply-adds per image, the activation quantizer
+    feeding it (None when its input is float)."""
+    q_names = {id(q): n for n, q in qg.act_quantizers()}
+    macs: dict[str, int] = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, a, y, n=name: macs.__setitem__(
+                n, (y.numel() // y.shape[0]) * m.weight[0].numel()
+            )
+        )
+        for name, layer in qg.layers()
+    ]
+    try:
+        qg(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, layer in qg.layers():
+        if layer.weight_quantizer is None:
+            continue
+        iq = layer.input_quantizer
+        out[name] = (layer.weight.numel(), macs[name], q_names.get(id(iq)) if iq else None)
+    return out
