@@ -51,7 +51,7 @@ def widen_sensitive_layers(
         return {"widened": []}
     device = next(qg.module.parameters()).device
     x = images[: settings.probe_images].to(device)
-    macs = _macs(qg, x)
+    macs = qg.layer_macs(x)
     base = F.log_softmax(qg(x).float(), 1)
     kl: dict[str, float] = {}
     for name, layer in cands:
@@ -90,22 +90,3 @@ def _widen(layer: QConv2d | QLinear, weight_method: str):
         wq.set_qparams(scale, zp)
 
     return undo
-
-
-def _macs(qg: QuantGraph, x: Tensor) -> dict[str, int]:
-    """Multiply-adds per image of every conv/linear layer (output elements × fan-in)."""
-    macs: dict[str, int] = {}
-    hooks = [
-        layer.register_forward_hook(
-            lambda m, a, y, n=name: macs.__setitem__(
-                n, (y.numel() // y.shape[0]) * m.weight[0].numel()
-            )
-        )
-        for name, layer in qg.layers()
-    ]
-    try:
-        qg(x[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return macs

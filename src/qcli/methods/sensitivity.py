@@ -167,20 +167,7 @@ def _layer_costs(qg: QuantGraph, x: Tensor) -> dict[str, tuple[int, int, str | N
     """Per quantized layer: weights, multiply-adds per image, the activation quantizer
     feeding it (None when its input is float)."""
     q_names = {id(q): n for n, q in qg.act_quantizers()}
-    macs: dict[str, int] = {}
-    hooks = [
-        layer.register_forward_hook(
-            lambda m, a, y, n=name: macs.__setitem__(
-                n, (y.numel() // y.shape[0]) * m.weight[0].numel()
-            )
-        )
-        for name, layer in qg.layers()
-    ]
-    try:
-        qg(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    macs = qg.layer_macs(x)
     out = {}
     for name, layer in qg.layers():
         if layer.weight_quantizer is None:

@@ -90,6 +90,26 @@ class QuantGraph:
             if n.op == "call_module" and isinstance(mods[n.target], QConv2d | QLinear):
                 yield n.target, mods[n.target]
 
+    @torch.no_grad()
+    def layer_macs(self, x: Tensor) -> dict[str, int]:
+        """Multiply-adds per image of every conv/linear layer (output elements x fan-in), from
+        one forward pass of the first image of `x`."""
+        macs: dict[str, int] = {}
+        hooks = [
+            layer.register_forward_hook(
+                lambda m, a, y, n=name: macs.__setitem__(
+                    n, (y.numel() // y.shape[0]) * m.weight[0].numel()
+                )
+            )
+            for name, layer in self.layers()
+        ]
+        try:
+            self.module(x[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        return macs
+
     def act_quantizers(self) -> Iterator[tuple[str, Quantizer]]:
         mods = dict(self.module.named_modules())
         for n in self.module.graph.nodes:
