@@ -67,14 +67,15 @@ class RichUI(UI):
         ]
         with Progress(*columns, console=self.err, transient=False) as progress:
             tid = progress.add_task(description, total=total)
+            planned = total
 
             def advance(n: int = 1, label: str | None = None, skip: int = 0) -> None:
+                nonlocal planned
                 if label is not None:
                     progress.update(tid, description=f"{description}: {label}")
-                if skip:
-                    total = progress.tasks[tid].total
-                    if total is not None:
-                        progress.update(tid, total=max(total - skip, 0))
+                if skip and planned is not None:
+                    planned = max(planned - skip, 0)
+                    progress.update(tid, total=planned)
                 progress.advance(tid, n)
 
             yield advance
