@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qcli.methods import reconstruction as R
-from qcli.methods.chain import float_twin, units_to_tune
+from qcli.methods.chain import float_twin, unit_plan
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.methods.tuning import ChannelStats, tune_statistics
 from qcli.quant.capture import capture
@@ -59,9 +59,9 @@ def _second_unit(qg, x: torch.Tensor):
     from qcli.methods.chain import Chain
 
     chain = Chain.start(qg, x, 16, torch.float32)
-    plan = units_to_tune(qg, "layer")
-    chain.advance(plan[0][0])
-    seg, (unit,) = plan[1]
+    plan = unit_plan(qg, "layer")
+    chain.advance(plan[0].segment)
+    seg, (unit,) = plan[1].segment, plan[1].units
     float_inputs = chain.inputs(seg, unit, quantized=False)
     return unit_module(qg, unit), chain.inputs(seg, unit), chain.targets(unit, float_inputs)
 
@@ -272,7 +272,7 @@ def test_progress_is_cost_weighted_and_names_each_unit():
     )
     assert sum(n for n, _ in calls) == R.total_steps(qg, "adaround", settings, len(x))
     labels = [label for _, label in calls if label]
-    units = [u for _, us in units_to_tune(qg, "layer") for u in us]
+    units = [u for step in unit_plan(qg, "layer") for u in step.units]
     assert labels == [f"unit {i}/{len(units)} {u.name}" for i, u in enumerate(units, 1)]
     costs = [R.unit_cost(qg, u) for u in units]
     assert costs[0] > costs[-1]  # an 8x8x8 conv output weighs more than the 4 logits
@@ -328,7 +328,7 @@ def test_plateau_stops_early_and_the_bar_total_shrinks_to_the_steps_taken():
     steps = [u["steps"] for u in units]
     assert min(steps) < 400 and len(set(steps)) > 1, steps  # stopped early, each unit its own
     assert sum(done) + sum(skipped) == R.total_steps(qg, "brecq", settings, len(x))
-    costs = [R.unit_cost(qg, u) for _, us in units_to_tune(qg, "block") for u in us]
+    costs = [R.unit_cost(qg, u) for step in unit_plan(qg, "block") for u in step.units]
     assert sum(done) == sum(c * u["steps"] for c, u in zip(costs, units, strict=True))
 
 
@@ -347,7 +347,7 @@ def test_stop_mode_is_validated():
 
 def test_budget_lowers_the_iterations_to_fit_and_records_them():
     qg, x = _calibrated(BitConfig(4, 8))
-    cost = sum(R.unit_cost(qg, u) for _, us in units_to_tune(qg, "block") for u in us)
+    cost = sum(R.unit_cost(qg, u) for step in unit_plan(qg, "block") for u in step.units)
     per_step = cost * 1e3 * 16  # activation elements per step at batch 16
     settings = {"iters": 400, "batch_size": 16, "budget": 25 * per_step / 1e9}
     assert R.total_steps(qg, "brecq", settings, len(x)) == 25 * cost

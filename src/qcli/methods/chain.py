@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from qcli.quant.capture import QuantGraph, set_quantization
 from qcli.quant.partition import (
     Unit,
     check_chain,
+    join_units,
     layer_units,
     partition,
     prefix_unit,
@@ -59,6 +60,16 @@ def run_batched(
     return out
 
 
+@dataclass(frozen=True)
+class UnitData:
+    """What a unit is tuned on, one row per image: the quantized model's input to the unit
+    (earlier units tuned), the float model's input, and the float model's output (target)."""
+
+    xq: Tensor
+    xf: Tensor
+    y: Tensor
+
+
 @dataclass
 class Chain:
     """Quantized and float activations of every calibration image at the current cut."""
@@ -70,6 +81,7 @@ class Chain:
     batch_size: int
     dtype: torch.dtype
     device: torch.device
+    passed: list[Unit] = field(default_factory=list)  # segments advanced past, in order
 
     @classmethod
     def start(
@@ -87,6 +99,16 @@ class Chain:
         fp = reference if reference is not None else float_twin(qg)
         return cls(qg, fp, x, x, batch_size, dtype, device)
 
+    def replay(self, images: Tensor, dtype: torch.dtype | None = None) -> Chain:
+        """A chain over other images (e.g. transformed ones) at this chain's cut: both models
+        as they stand now are run over the segments already passed."""
+        dtype = dtype or self.dtype
+        x = images.detach().to("cpu", dtype)
+        other = Chain(self.qg, self.fp, x, x, self.batch_size, dtype, self.device)
+        for seg in self.passed:
+            other.advance(seg)
+        return other
+
     def _run(self, unit: Unit | None, x: Tensor, quantized: bool) -> Tensor:
         if unit is None:
             return x
@@ -102,18 +124,58 @@ class Chain:
         """The float model's output of the unit, from `inputs(..., quantized=False)`."""
         return self._run(unit, float_inputs, quantized=False)
 
+    def unit_data(self, segment: Unit, unit: Unit) -> UnitData:
+        xf = self.inputs(segment, unit, quantized=False)
+        return UnitData(self.inputs(segment, unit), xf, self.targets(unit, xf))
+
     def advance(self, segment: Unit) -> None:
         """Move both caches past the segment (call after its units are tuned)."""
         self.q = self._run(segment, self.q, quantized=True)
         self.f = self._run(segment, self.f, quantized=False)
+        self.passed.append(segment)
 
 
-def units_to_tune(qg: QuantGraph, granularity: str) -> list[tuple[Unit, list[Unit]]]:
-    """(segment, units) pairs in walk order. Segments are single-tensor cuts (the finest ones
-    at layer granularity, whose units are then the layers inside); a block or stage segment
-    is its own unit."""
+@dataclass(frozen=True)
+class PlanStep:
+    """One stretch of the walk: `units` are tuned in order, then the caches move past
+    `segment` (a single-tensor cut: the unit itself at block granularity, or the block that
+    holds the layers at layer granularity)."""
+
+    segment: Unit
+    units: tuple[Unit, ...]
+
+
+# The walk, as data: granularity is one way to build it, merging adjacent steps another.
+UnitPlan = tuple[PlanStep, ...]
+
+
+def unit_plan(qg: QuantGraph, granularity: str) -> UnitPlan:
+    """The plan of a granularity. Segments are single-tensor cuts (the finest ones at layer
+    granularity, whose units are then the layers inside); a block or stage segment is its own
+    unit."""
     segs = partition(qg, granularity)
     check_chain(segs)
     if granularity == "layer":
-        return [(seg, layer_units(qg, seg)) for seg in segs]
-    return [(seg, [seg] if seg.layers else []) for seg in segs]
+        return tuple(PlanStep(seg, tuple(layer_units(qg, seg))) for seg in segs)
+    return tuple(PlanStep(seg, (seg,) if seg.layers else ()) for seg in segs)
+
+
+def merge_steps(plan: UnitPlan, groups: list[tuple[int, ...]]) -> UnitPlan:
+    """The plan with each group of adjacent steps (indices into `plan`, consecutive) joined
+    into one unit reconstructed jointly. Only whole-segment steps can be joined."""
+    first = {g[0]: g for g in groups}
+    inside = {i for g in groups for i in g}
+    out: list[PlanStep] = []
+    for i, step in enumerate(plan):
+        if i in first:
+            g = first[i]
+            if list(g) != list(range(g[0], g[0] + len(g))) or g[-1] >= len(plan):
+                raise ValueError(f"steps {g} are not adjacent steps of the plan")
+            steps = [plan[j] for j in g]
+            if any(s.units not in ((s.segment,), ()) for s in steps):
+                raise ValueError("only block or stage steps (a unit per segment) can be merged")
+            seg = join_units([s.segment for s in steps])
+            out.append(PlanStep(seg, (seg,) if seg.layers else ()))
+        elif i not in inside:
+            out.append(step)
+    return tuple(out)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcli.errors import UsageError
-from qcli.methods.chain import Chain, run_batched, units_to_tune
+from qcli.methods.chain import Chain, UnitData, UnitPlan, run_batched, unit_plan
 from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
 from qcli.methods.registry import register_calibration
 from qcli.quant import primitives as P
@@ -41,6 +41,13 @@ from qcli.quant.rounding import AdaRound, attach_adaround, bake_rounding
 # progress(n) reports n steps done; progress(0, skip=k) drops k planned steps from the total
 # (a unit that stopped early), so the time-left estimate stays honest.
 Progress = Callable[..., None]
+# One optimization step of a unit: the regularizer's exponent in (None: none yet), the
+# reconstruction loss of the step out.
+Step = Callable[[float | None], Tensor]
+# A unit's loss: (prediction, target, Fisher weight or None) -> scalar.
+UnitLoss = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+# Where a unit's data comes from, given the walk's chain, the segment and the unit.
+UnitInputs = Callable[[Chain, Unit, Unit], UnitData]
 
 
 @dataclass(frozen=True)
@@ -197,12 +204,12 @@ def _learnables(
     return groups, roundings
 
 
-def _eval_loss(module: nn.Module, x: Tensor, y: Tensor, w: Tensor | None, s, device) -> float:
+def _eval_loss(module: nn.Module, x: Tensor, y: Tensor, w: Tensor | None, s, device, loss) -> float:
     n = min(s.eval_images, x.shape[0])
     with torch.no_grad():
         pred = run_batched(module, x[:n], s.batch_size, device, torch.float32)
         wn = w[:n].float() if w is not None else None
-        return float(reconstruction_loss(pred, y[:n].float(), wn))
+        return float(loss(pred, y[:n].float(), wn))
 
 
 def reconstruct_unit(
@@ -214,47 +221,67 @@ def reconstruct_unit(
     generator: torch.Generator,
     progress: Progress | None = None,
     fisher: Tensor | None = None,
+    *,
+    drops: torch.Generator | None = None,
+    loss: UnitLoss | None = None,
+    wrap: Callable[[Step], Step] | None = None,
 ) -> tuple[float, float, int]:
     """Tune one unit in place so module(xq) ≈ y; returns the loss before and after, and the
     optimization steps taken.
 
     xq: the quantized model's inputs; xf: the float model's (QDrop mixes them), y: targets.
-    Ends with hard rounding baked into the weights and every parameter frozen again.
+    `generator` draws the batches (and seeds the input masks); `drops` draws QDrop's masks
+    inside the quantizers (default: seeded from `generator`). `loss` replaces the
+    reconstruction loss; `wrap` wraps each optimization step (e.g. to log or to interleave
+    another update). Ends with hard rounding baked into the weights and every parameter
+    frozen again.
     """
     device = next(module.parameters()).device
+    loss = loss or reconstruction_loss
     layers, acts = _unit_parts(module)
-    before = _eval_loss(module, xq, y, fisher, s, device)
+    before = _eval_loss(module, xq, y, fisher, s, device, loss)
     groups, roundings = _learnables(layers, acts, s)
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
+    if s.drop_prob > 0 and drops is None:
+        drops = _mask_generator(generator, device, fresh=True)
     for q in acts:
         q.drop_prob = s.drop_prob
+        q.drop_generator = drops if s.drop_prob > 0 else None
     steps = 0
     try:
         if params:
-            steps = _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress)
+            data = UnitData(xq, xf, y) if xf is not None else UnitData(xq, xq, y)
+            mixed = xf is not None
+            steps = _optimize(
+                module, groups, roundings, data, mixed, fisher, s, generator, progress, loss, wrap
+            )
         elif progress:
             progress(s.iters)
     finally:
         for q in acts:
             q.drop_prob = 0.0
+            q.drop_generator = None
         for m in layers:
             if m.weight_quantizer is not None:
                 bake_rounding(m.weight, m.weight_quantizer)
         for p in params:
             p.requires_grad_(False)
         _keep_scales_positive(layers, acts)
-    return before, _eval_loss(module, xq, y, fisher, s, device), steps
+    return before, _eval_loss(module, xq, y, fisher, s, device, loss), steps
 
 
-def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress) -> int:
+def _optimize(
+    module, groups, roundings, data, mixed, fisher, s, generator, progress, loss, wrap
+) -> int:
     """Run the unit's optimization; returns the number of steps taken."""
     device = next(module.parameters()).device
     opt = torch.optim.Adam(groups)
     layers, acts = _unit_parts(module)
+    xq, xf, y = data.xq, data.xf, data.y
     n = xq.shape[0]
-    mask_gen = _mask_generator(generator, device) if s.drop_prob > 0 and xf is not None else None
+    mask_gen = _mask_generator(generator, device) if s.drop_prob > 0 and mixed else None
 
     def step(beta: float | None) -> Tensor:
         idx = torch.randint(n, (min(s.batch_size, n),), generator=generator)
@@ -263,18 +290,20 @@ def _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progre
             keep_float = P.random_mask(x.shape, s.drop_prob, device, generator=mask_gen)
             x = torch.where(keep_float, xf[idx].to(device, torch.float32), x)
         w = fisher[idx].to(device, torch.float32) if fisher is not None else None
-        rec = reconstruction_loss(module(x), y[idx].to(device, torch.float32), w)
-        loss = rec
+        rec = loss(module(x), y[idx].to(device, torch.float32), w)
+        total = rec
         if roundings and beta is not None:
-            loss = loss + s.reg_weight * sum(r.regularizer(beta) for r in roundings)
+            total = total + s.reg_weight * sum(r.regularizer(beta) for r in roundings)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
         _keep_scales_positive(layers, acts)
         if progress:
             progress(1)
         return rec.detach()
 
+    if wrap is not None:
+        step = wrap(step)
     if s.stop == "fixed":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.iters, eta_min=0.0)
         for i in range(s.iters):
@@ -321,10 +350,13 @@ def _anneal_steps(free: int, s: ReconSettings) -> int:
     return max(1, min(round(free * (1 - s.warmup) / s.warmup), s.iters - free))
 
 
-def _mask_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+def _mask_generator(
+    generator: torch.Generator, device: torch.device, fresh: bool = False
+) -> torch.Generator:
     """A generator on the device QDrop's input masks are drawn on (drawing them on the CPU and
-    copying them over costs a transfer per step), seeded from the run's generator."""
-    if generator.device == device:
+    copying them over costs a transfer per step), seeded from the run's generator (`fresh`:
+    a separate stream even on the same device)."""
+    if generator.device == device and not fresh:
         return generator
     seed = int(torch.randint(2**62, (), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
@@ -342,39 +374,76 @@ def _keep_scales_positive(layers, acts) -> None:
 # ------------------------------------------------------------------------- the walk
 
 
+def cached_inputs(chain: Chain, segment: Unit, unit: Unit) -> UnitData:
+    """The default source of a unit's data: the chain's cached activations."""
+    return chain.unit_data(segment, unit)
+
+
+@dataclass(frozen=True)
+class Seams:
+    """Where methods built on the engine change it, without copying the walk: where a unit's
+    data comes from, its loss, and a wrapper around each optimization step (given the unit)."""
+
+    inputs: UnitInputs = cached_inputs
+    loss: UnitLoss = reconstruction_loss
+    wrap_step: Callable[[Unit, Step], Step] | None = None
+
+
+def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """The run's randomness, never the global RNG: batch draws (CPU) and QDrop's in-quantizer
+    masks (on the device), both from `seed`."""
+    return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed)
+
+
 def reconstruct(
-    qg: QuantGraph, images: Tensor, s: ReconSettings, progress: Progress | None = None
+    qg: QuantGraph,
+    images: Tensor,
+    s: ReconSettings,
+    progress: Progress | None = None,
+    plan: UnitPlan | None = None,
+    seams: Seams = Seams(),
 ) -> list[UnitResult]:
-    """Tune every unit of a range-initialized graph, in order."""
-    generator = torch.Generator().manual_seed(s.seed)
-    torch.manual_seed(s.seed)  # QDrop's in-unit dropping draws from the global generator
+    """Tune every unit of a range-initialized graph, in order: the units of `plan` (default:
+    the plan of `s.granularity`)."""
+    device = next(qg.module.parameters()).device
+    generator, drops = run_generators(s.seed, device)
     for p in qg.module.parameters():  # only what a unit learns may carry gradients
         p.requires_grad_(False)
     chain = Chain.start(qg, images, s.batch_size, getattr(torch, s.cache_dtype))
     fp_logits = _logits(chain, images) if s.fisher else None
-    plan = units_to_tune(qg, s.granularity)
-    count = sum(len(units) for _, units in plan)
+    plan = plan if plan is not None else unit_plan(qg, s.granularity)
+    count = sum(len(step.units) for step in plan)
     results = []
-    for i, (seg, units) in enumerate(plan):
-        for unit in units:
+    for i, step in enumerate(plan):
+        seg = step.segment
+        for unit in step.units:
             start = time.perf_counter()
             unit_progress = _unit_progress(progress, unit, qg, len(results) + 1, count)
-            xq = chain.inputs(seg, unit)
-            xf = chain.inputs(seg, unit, quantized=False)
-            y = chain.targets(unit, xf)
-            if s.drop_prob == 0:
-                xf = None  # only QDrop mixes float inputs in: free them
+            data = seams.inputs(chain, seg, unit)
+            xf = data.xf if s.drop_prob > 0 else None  # only QDrop mixes float inputs in
             w = _fisher(chain, plan[i:], fp_logits) if fp_logits is not None else None
             module = unit_module(qg, unit)
+            wrap = (lambda f, u=unit: seams.wrap_step(u, f)) if seams.wrap_step else None
             before, after, steps = reconstruct_unit(
-                module, xq, xf, y, s, generator, unit_progress, w
+                module,
+                data.xq,
+                xf,
+                data.y,
+                s,
+                generator,
+                unit_progress,
+                w,
+                drops=drops,
+                loss=seams.loss,
+                wrap=wrap,
             )
             secs = time.perf_counter() - start
-            cached = (chain.q, chain.f, xq, xf, y, w)
+            cached = (chain.q, chain.f, data.xq, xf, data.y, w)
             held = sum({id(t): t.nbytes for t in cached if t is not None}.values())
             results.append(
                 UnitResult(unit.name, len(unit.layers), before, after, steps, secs, held / 2**20)
             )
+            del data
         chain.advance(seg)
     return results
 
@@ -404,11 +473,11 @@ def _logits(chain: Chain, images: Tensor) -> Tensor:
     return run_batched(chain.fp.module, images, chain.batch_size, chain.device, torch.float32)
 
 
-def _fisher(chain: Chain, rest: list[tuple[Unit, list[Unit]]], fp_logits: Tensor) -> Tensor:
+def _fisher(chain: Chain, rest: UnitPlan, fp_logits: Tensor) -> Tensor:
     """BRECQ's Fisher diagonal at the unit output: |∂KL(p_fp ‖ p_q)/∂z| + 1, through the
     quantized rest of the network as it stands."""
-    head = unit_module(chain.qg, rest[0][0])
-    tail = [unit_module(chain.qg, seg) for seg, _ in rest[1:]]
+    head = unit_module(chain.qg, rest[0].segment)
+    tail = [unit_module(chain.qg, step.segment) for step in rest[1:]]
     grads = []
     for i in range(0, chain.q.shape[0], chain.batch_size):
         with torch.no_grad():
@@ -431,20 +500,24 @@ def total_steps(qg: QuantGraph, method: str, overrides: dict[str, Any], images: 
     """The progress total: iterations weighted by each unit's cost (`unit_cost`), so the time
     left that the bar estimates holds across units of very different sizes."""
     s = within_budget(qg, settings_for(method, overrides), images)
-    return s.iters * _model_cost(qg, s.granularity)
+    return s.iters * plan_cost(qg, unit_plan(qg, s.granularity))
 
 
-def within_budget(qg: QuantGraph, s: ReconSettings, images: int) -> ReconSettings:
+def within_budget(
+    qg: QuantGraph, s: ReconSettings, images: int, plan: UnitPlan | None = None
+) -> ReconSettings:
     """The settings with `iters` lowered to fit `budget` (at least 10 steps a unit)."""
     if not s.budget:
         return s
-    per_step = _model_cost(qg, s.granularity) * 1e3 * min(s.batch_size, images)
+    plan = plan if plan is not None else unit_plan(qg, s.granularity)
+    per_step = plan_cost(qg, plan) * 1e3 * min(s.batch_size, images)
     fit = int(s.budget * 1e9 / per_step)
     return replace(s, iters=max(min(s.iters, fit), 10))
 
 
-def _model_cost(qg: QuantGraph, granularity: str) -> int:
-    return sum(unit_cost(qg, u) for _, us in units_to_tune(qg, granularity) for u in us)
+def plan_cost(qg: QuantGraph, plan: UnitPlan) -> int:
+    """One iteration of every unit of the plan, in `unit_cost` units."""
+    return sum(unit_cost(qg, u) for step in plan for u in step.units)
 
 
 def unit_cost(qg: QuantGraph, unit: Unit) -> int:
@@ -494,11 +567,13 @@ for _name, _summary, _rank in (
     )(_method(_name))
 
 
-def describe_units(qg: QuantGraph, granularity: str) -> list[dict[str, Any]]:
-    """What `--show-units` prints: every unit to tune, in order."""
+def describe_units(qg: QuantGraph, plan: UnitPlan | str) -> list[dict[str, Any]]:
+    """What `--show-units` prints: every unit to tune, in order (a plan or a granularity)."""
+    if isinstance(plan, str):
+        plan = unit_plan(qg, plan)
     rows = []
-    for _, units in units_to_tune(qg, granularity):
-        for u in units:
+    for step in plan:
+        for u in step.units:
             shape = _output_shape(qg, u)
             rows.append({"unit": u.name, "layers": len(u.layers), "output": shape})
     return rows

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from qcli.methods.chain import Chain, units_to_tune
+from qcli.methods.chain import Chain, unit_plan
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.partition import Unit, prefix_unit, unit_module
@@ -99,8 +99,9 @@ def tune_statistics(
     mods = dict(qg.module.named_modules())
     fp_mods = dict(chain.fp.module.named_modules())
     tuned = 0
-    for seg, units in units_to_tune(qg, "layer"):
-        for unit in units:
+    for step in unit_plan(qg, "layer"):
+        seg = step.segment
+        for unit in step.units:
             (name,) = unit.layers
             layer = mods[name]
             if layer.bias is None or (match_std and not isinstance(layer, QConv2d)):

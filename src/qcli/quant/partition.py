@@ -227,6 +227,18 @@ def unit_module(qg: QuantGraph, unit: Unit) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def join_units(units: list[Unit], name: str | None = None) -> Unit:
+    """Adjacent units (each reading the previous one's output) as one unit."""
+    check_chain(units)
+    return Unit(
+        name=name or "+".join(u.name for u in units),
+        nodes=tuple(n for u in units for n in u.nodes),
+        layers=tuple(layer for u in units for layer in u.layers),
+        input=units[0].input,
+        output=units[-1].output,
+    )
+
+
 def check_chain(units: list[Unit]) -> None:
     """Units must feed each other in order, so one cached tensor carries the whole state."""
     for prev, nxt in pairwise(units):

@@ -30,6 +30,7 @@ class Quantizer(nn.Module):
     """
 
     fused = True  # a class default, so quantizers pickled before it existed still load
+    drop_generator: torch.Generator | None = None  # QDrop's masks; set by the run that drops
 
     def __init__(self, spec: QuantSpec, channels: int | None = None) -> None:
         super().__init__()
@@ -63,9 +64,10 @@ class Quantizer(nn.Module):
             return x
         keep = None  # QDrop: elements that stay float
         if self.drop_prob > 0 and self.fused:
-            keep = P.random_mask_like(x, self.drop_prob)
+            keep = P.random_mask_like(x, self.drop_prob, self.drop_generator)
         elif self.drop_prob > 0:
-            keep = torch.rand_like(x) < self.drop_prob
+            g = self.drop_generator
+            keep = torch.rand(x.shape, generator=g, device=x.device) < self.drop_prob
         s = self.spec
         if self.rounding is None and self.fused:
             return P.fake_quantize(
