@@ -242,6 +242,19 @@ def test_quantize_below_8_bits_reconstructs_and_bn_tunes(tmp_path: Path, weights
     assert manifest["method"]["settings"]["stop"] == "fixed"  # real images: every step
 
 
+def test_quantize_bn_tunes_at_8_bits_unless_told_not_to(tmp_path: Path, weights, images):
+    for flags, expected in (((), True), (("--no-bn-tune",), False)):
+        out = tmp_path / f"q{expected}"
+        code, _, err = run(
+            "quantize", "builtin:resnet20_cifar10", "--weights", weights, "--data", images,
+            "--no-latency", "--out", out, *flags,
+        )  # fmt: skip
+        assert code == 0, err
+        manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
+        assert manifest["method"]["name"] == "mse" and manifest["bits"] == "w8a8"
+        assert manifest["method"]["bn_tune"] is expected
+
+
 def test_quantize_effort_flags_follow_the_method(tmp_path: Path, weights, images):
     """--stop reaches a reconstruction method, and is refused where the method has no units."""
     from qcli.stages.quantize import ONE_SHOT_EFFORT, QuantizeConfig, method_settings
