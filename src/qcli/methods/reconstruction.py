@@ -35,7 +35,7 @@ from qcli.quant import primitives as P
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.partition import GRANULARITIES, Unit, unit_module
-from qcli.quant.quantizer import Quantizer
+from qcli.quant.quantizer import Quantizer, QuantMode, dropping
 from qcli.quant.rounding import AdaRound, attach_adaround, bake_rounding
 
 # progress(n) reports n steps done; progress(0, skip=k) drops k planned steps from the total
@@ -163,7 +163,7 @@ def _unit_parts(module: nn.Module) -> tuple[list[QConv2d | QLinear], list[Quanti
     acts = [
         m
         for m in module.modules()
-        if isinstance(m, Quantizer) and id(m) not in weight_qs and m.enabled
+        if isinstance(m, Quantizer) and id(m) not in weight_qs and m.mode is not QuantMode.OFF
     ]
     return layers, acts
 
@@ -228,17 +228,16 @@ def reconstruct_unit(
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
-    for q in acts:
-        q.drop_prob = s.drop_prob
     steps = 0
     try:
-        if params:
-            steps = _optimize(module, groups, roundings, xq, xf, y, fisher, s, generator, progress)
-        elif progress:
-            progress(s.iters)
+        with dropping(acts, s.drop_prob):
+            if params:
+                steps = _optimize(
+                    module, groups, roundings, xq, xf, y, fisher, s, generator, progress
+                )
+            elif progress:
+                progress(s.iters)
     finally:
-        for q in acts:
-            q.drop_prob = 0.0
         for m in layers:
             if m.weight_quantizer is not None:
                 bake_rounding(m.weight, m.weight_quantizer)
