@@ -83,12 +83,25 @@ class Quantizer(nn.Module):
         elif self.drop_prob > 0:
             keep = torch.rand_like(x) < self.drop_prob
         s = self.spec
+        if self.mode is QuantMode.LEARN:
+            return self._learn(x.float(), keep)
         if self.rounding is None and self.fused:
             return P.fake_quantize(
                 x, self.scale, self.zero_point, s.qmin, s.qmax, self.axis, keep=keep
             )
         y = P.dequantize(self._grid(x), self.scale, self.zero_point, self.axis)
         return y if keep is None else torch.where(keep, x, y)
+
+    def _learn(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        """LSQ: the fused fake-quantizer (straight-through rounding, LSQ's step-size gradient)
+        on a step size whose gradient is scaled by g = 1/sqrt(N·Q_P), N the elements sharing
+        one step size (per channel for weights; the whole batch for activations, as ACS's
+        code does). In float32 even under autocast: half precision cannot hold x / s exactly
+        enough to round it as export does."""
+        s = self.spec
+        g = P.lsq_gradient_scale(x.numel() // self.scale.numel(), s.qmax)
+        scale = P.grad_scale(self.scale, g)
+        return P.fake_quantize(x, scale, self.zero_point, s.qmin, s.qmax, self.axis, keep=keep)
 
     def _grid(self, x: Tensor) -> Tensor:
         """Integer grid values (as float): round half to even, or the learned rounding."""
