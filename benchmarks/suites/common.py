@@ -120,6 +120,8 @@ class Context:
     data: Path
     env: dict[str, Any] = field(default_factory=dict)
     models: tuple[str, ...] | None = None  # run only these benchmark models
+    epochs: int | None = None  # qat: epochs per row (None: the suite's default)
+    seeds: tuple[int, ...] | None = None  # qat: seeds of the multi-seed rows
 
     @property
     def cache(self) -> Path:
