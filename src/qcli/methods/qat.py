@@ -204,8 +204,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # zero points and flags never change in training: no per-step buffer broadcast
-            self.model = DDP(qg.module, device_ids=ids, broadcast_buffers=False)
+            self.model = DDP(qg.module, device_ids=ids)
 
     # -- checkpoint -------------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ def _run(cfg: QATConfig, ui: UI, comm: distributed.Comm) -> dict[str, Any]:
         s = replace(s, augment=augmentation_for(loaded.input_spec.size))
     if not cfg.from_qmodel:
         _initial_ranges(qg, data, cfg, ui)
+    qg.to(comm.device)  # NCCL broadcasts from the GPU
     comm.broadcast_module(qg.module)  # one initialization on every rank
     trainer = Trainer(qg, loaded.module, data, s, comm)
     if cfg.resume:
