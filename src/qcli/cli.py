@@ -776,7 +776,11 @@ def _qat_rows(r: dict) -> list[tuple]:
     help="Distil from the float model (soft cross-entropy); --no-kd trains on the labels.",
 )
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="[sgd: 0.01, adam: 0.001]")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Learning rate of weights and step sizes [sgd: 0.001, adam: 0.0001].",
+)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option(
@@ -847,7 +851,7 @@ def qat(
       torchrun --nproc-per-node 2 -m qcli qat r20-w4a4.qcli --train-data cifar10/train \\
           --epochs 10 --coreset full --out r20-w4a4-full.qcli
     """
-    from qcli.methods.qat import QATSettings
+    from qcli.methods.qat import DEFAULT_LR, QATSettings
     from qcli.stages.common import is_qmodel
     from qcli.stages.qat import QATConfig
     from qcli.stages.qat import qat as run
@@ -868,7 +872,7 @@ def qat(
         interval=interval,
         kd=kd,
         optimizer=optimizer,
-        lr=lr or (0.01 if optimizer == "sgd" else 1e-3),
+        lr=lr or DEFAULT_LR[optimizer],
         weight_decay=weight_decay,
         batch_size=batch_size,
         seed=seed,
