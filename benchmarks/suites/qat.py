@@ -221,9 +221,9 @@ def markdown(payload: dict[str, Any]) -> str:
     out += [*header_lines(payload), ""]
     out.append(
         f"Every row of a bit width starts from the same `{payload['start_method']}`-calibrated "
-        f".qcli and trains {payload['epochs']} epochs (LSQ step sizes, KD from the float model, "
+        f".qcli and trains {payload['epochs']} epoch(s) (LSQ step sizes, KD from the float model, "
         f"SGD with a cosine schedule, batch 128, coreset re-chosen every "
-        f"{payload['interval']} epochs), then is exported and run in onnxruntime. Seeds "
+        f"{payload['interval']} epoch(s)), then is exported and run in onnxruntime. Seeds "
         f"{payload['seeds']} for the 10% rows (mean ± standard deviation), the first elsewhere. "
         "Time: training and scoring wall time of the run (not decoding the JPEGs once, not "
         "export or evaluation); gain per hour: top-1 over the PTQ start per hour of both."
@@ -265,8 +265,8 @@ def _rows(cell: dict[str, Any]) -> list[list[Any]]:
                 len(rs),
                 f"{mean:.2f}{sd}",
                 f"{mean - cell['ptq_top1']:+.2f}" if cell["ptq_top1"] is not None else "—",
-                f"{statistics.fmean(r['train_s'] for r in rs):.0f}",
-                f"{statistics.fmean(r['score_s'] for r in rs):.0f}",
+                f"{statistics.fmean(r['train_s'] for r in rs):.1f}",
+                f"{statistics.fmean(r['score_s'] for r in rs):.1f}",
                 f"{statistics.fmean(gain):.1f}" if gain else "—",
             ]
         )
