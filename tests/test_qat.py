@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -71,6 +72,13 @@ def test_coreset_has_the_requested_size_per_class_and_follows_the_scores():
     assert torch.bincount(labels[r1]).tolist() == [2, 4, 6]
     assert not torch.equal(r1, r2)  # a fresh draw each time
     assert C.fingerprint(r1) != C.fingerprint(r2)
+
+
+def test_scoring_shards_cover_every_image_once():
+    for n in (0, 1, 7, 10):
+        parts = [Comm(r, 3).shard(n) for r in range(3)]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
 
 
 # ------------------------------------------------------------------------------ LSQ and augment
