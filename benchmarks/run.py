@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (qcli does it too)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SUITES = ("ptq", "deploy", "datagen", "bits")
+SUITES = ("ptq", "deploy", "datagen", "bits", "qat")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         "processes can share the cores, then `--merge` joins them into <suite>.json",
     )
     parser.add_argument("--merge", action="store_true", help="join <suite>-*.json files")
+    parser.add_argument("--epochs", type=int, help="qat: epochs of every row [10; quick: 1]")
+    parser.add_argument("--seeds", help="qat: seeds of the 10%% coreset rows [0,1,2; quick: 0]")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join([".venv/bin/python benchmarks/run.py", *(argv or sys.argv[1:])])
     ctx = common.Context(quick=args.quick, use_cache=not args.no_cache, command=command, data=data)
     ctx.models = tuple(args.models.split(",")) if args.models else None
+    ctx.epochs = args.epochs
+    ctx.seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     ctx.env = common.environment()
     common.prune_cache(ctx.cache)
     for name in names:

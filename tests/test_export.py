@@ -33,6 +33,7 @@ from qcli.export.kernels import pair_sum_violations
 from qcli.export.onnx_qdq import INPUT_NAME, to_onnx
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.quantizer import QuantMode
 from qcli.quant.spec import BitConfig
 
 NUM_CLASSES = 10
@@ -394,7 +395,7 @@ def test_negative_control_missing_quantizer_is_detected():
     model = to_onnx(qg)
     check_matches(qg, model, x, True, TOL_EXACT)
     names = [name for name, _ in qg.act_quantizers()]
-    dict(qg.act_quantizers())[names[len(names) // 2]].enabled = False  # after export
+    dict(qg.act_quantizers())[names[len(names) // 2]].mode = QuantMode.OFF  # after export
     with pytest.raises(AssertionError):
         check_matches(qg, model, x, True, TOL_EXACT)
 
@@ -409,6 +410,6 @@ def test_negative_control_layerwise_detects_wrong_scale_and_missing_quantizer():
     off, worst, size = steps[target]
     assert off > TOL_LAYERWISE * size
     assert worst > 1.0 + 1e-3
-    dict(qg.act_quantizers())[target].enabled = False  # the simulation skips one quantizer
+    dict(qg.act_quantizers())[target].mode = QuantMode.OFF  # the simulation skips one quantizer
     off, worst, size = layerwise_steps(qg, model, x)[target]
     assert off > TOL_LAYERWISE * size

@@ -39,6 +39,7 @@ import qcli.stages.export as export_stage
 from qcli.cli import cli
 from qcli.data import iterate, open_data
 from qcli.quant.capture import QuantGraph
+from qcli.quant.quantizer import QuantMode, set_mode
 from qcli.stages.common import load_qmodel
 
 pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
@@ -240,8 +241,7 @@ def test_gate_fails_an_export_that_disagrees(
 
 
 def _disable_activation_quantizers(qg: QuantGraph) -> None:
-    for _, q in qg.act_quantizers():
-        q.enabled = False
+    set_mode(qg.select(weights=False), QuantMode.OFF)
 
 
 def _all_biases(qg: QuantGraph) -> None:

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from qcli.errors import QcliError, UsageError
 from qcli.quant import primitives as P
-from qcli.quant.capture import capture, set_quantization
+from qcli.quant.capture import capture, set_float
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.plan import QuantPlan
 from qcli.quant.quantizer import Quantizer
@@ -427,7 +427,7 @@ def test_bn_folding_preserves_function():
     net = small_net()
     qg = capture(net, (3, 8, 8), BitConfig(8, 8))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qg.module.modules())
-    set_quantization(qg, False, False)
+    set_float(qg)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(qg(x), net(x), atol=1e-5, rtol=0)
@@ -579,7 +579,7 @@ def test_capture_leaves_logits_float_and_runs_quantized():
         )
     with torch.no_grad():
         y = qg(x)
-        set_quantization(qg, False, False)
+        set_float(qg)
         y_fp = qg(x)
     assert y.shape == (2, 5)
     assert not torch.equal(y, y_fp)  # quantizers act when enabled

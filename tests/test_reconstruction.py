@@ -111,16 +111,15 @@ def test_qdrop_with_drop_probability_zero_is_brecq():
 
 
 def _conv_output_stats(qg, x: torch.Tensor, name: str, quantized: bool = True):
-    from qcli.quant.capture import set_quantization
+    from qcli.quant.quantizer import QuantMode, quant_mode
 
-    set_quantization(qg, weights=quantized, activations=quantized)
+    mode = QuantMode.QUANTIZE if quantized else QuantMode.OFF
     layer = dict(qg.module.named_modules())[name]
     stats = ChannelStats()
     h = layer.register_forward_hook(lambda m, a, out: stats.update(out.detach()))
-    with torch.no_grad():
+    with torch.no_grad(), quant_mode(qg.select(), mode):
         qg.module(x)
     h.remove()
-    set_quantization(qg, weights=True, activations=True)
     return stats.result()
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qcli.stages.calibrate as calibrate_stage
-from qcli.quant.capture import QuantGraph
+from qcli.quant.capture import QuantGraph, set_float
 from qcli.quant.spec import BitConfig
 from qcli.stages.calibrate import CalibrateConfig, calibrate
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
@@ -46,7 +46,7 @@ def _calibrate_in_memory(
 def _forward_state(qg: QuantGraph) -> dict[str, tuple]:
     """What a quantizer does on forward beyond its tensors."""
     return {
-        name: (q.spec, q.enabled, q.observer is None, q.rounding is None, q.drop_prob)
+        name: (q.spec, q.mode, q.observer is None, q.rounding is None, q.drop_prob)
         for name, q in qg.quantizers()
     }
 
@@ -116,7 +116,6 @@ def test_reloaded_simulation_is_bit_identical(
     assert torch.equal(y_memory, y_reloaded)
     # the simulation is really quantized (not two identical float models)
     float_twin = load_qmodel(out).graph
-    for _, q in float_twin.quantizers():
-        q.enabled = False
+    set_float(float_twin)
     with torch.no_grad():
         assert not torch.equal(float_twin.module.eval()(x), y_reloaded)

@@ -26,7 +26,7 @@ import torch
 from qcli.data import ImageFolderSet, TensorSet, iterate, open_data
 from qcli.evaluate import OrtModel, accuracy
 from qcli.export import kernels
-from qcli.quant.capture import capture, set_quantization
+from qcli.quant.capture import capture, set_float
 from qcli.quant.spec import BitConfig
 from qcli.stages.calibrate import CalibrateConfig, calibrate
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
@@ -120,6 +120,8 @@ class Context:
     data: Path
     env: dict[str, Any] = field(default_factory=dict)
     models: tuple[str, ...] | None = None  # run only these benchmark models
+    epochs: int | None = None  # qat: epochs per row (None: the suite's default)
+    seeds: tuple[int, ...] | None = None  # qat: seeds of the multi-seed rows
 
     @property
     def cache(self) -> Path:
@@ -454,7 +456,7 @@ def export_fp32_onnx(ctx: Context, b: Bench) -> tuple[Path, str]:
     module = loaded.module.eval()
     if dynamic:
         qg = capture(loaded.module, b.input_shape, BitConfig(8, 8))
-        set_quantization(qg, False, False)
+        set_float(qg)
         module = qg.module.eval()
     example = torch.zeros(1, *b.input_shape)
     tmp = d / "model.onnx.tmp"

@@ -199,7 +199,9 @@ def run_stage(title: str, rows: Callable[[dict], list[tuple]]) -> Callable:
 
             try:
                 result = fn(*args, ui=ui, **kwargs)
-                if as_json:
+                if os.environ.get("RANK", "0") != "0":
+                    pass  # under torchrun, rank 0 alone reports
+                elif as_json:
                     click.echo(dump_json(result))
                 else:
                     ui.table(title, ["", ""], rows(result))
@@ -715,6 +717,183 @@ def calibrate(
         raise UsageError("calibrate needs --data (calibration images)")
     if out is None:
         raise UsageError("calibrate needs --out (the .qcli folder to write)")
+    return run(cfg, ui)
+
+
+# -- qat ------------------------------------------------------------------------------------
+
+
+def _qat_rows(r: dict) -> list[tuple]:
+    return [
+        ("out", r["out"]),
+        ("model", r["model"]),
+        ("bits", r["bits"]),
+        ("coreset", r["coreset"]),
+        ("epochs / images", f"{r['epochs']} / {r['images']:,}"),
+        ("processes", r["processes"]),
+        ("loss first -> last epoch", f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}"),
+        ("training / scoring", f"{r['train_s']:.1f} s / {r['score_s']:.1f} s"),
+    ]
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--train-data",
+    type=PathArg(path_type=Path),
+    required=True,
+    help="Labelled image folder (DIR/<class>/<image>) to train on.",
+)
+@click.option(
+    "--bits", type=BitsType(), help="wXaY, e.g. w4a4 (MODEL only; a .qcli keeps its plan)."
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--coreset",
+    type=click.Choice(["acs", "random", "full"]),
+    default="acs",
+    show_default=True,
+    help="acs: the images the quantized model gets most wrong or disagrees most on with the "
+    "float model, re-chosen every --interval epochs; random: a fresh random subset as large; "
+    "full: every image.",
+)
+@click.option(
+    "--fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of every class in the coreset (acs, random).",
+)
+@click.option(
+    "--interval",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Epochs between coreset selections (acs, random).",
+)
+@click.option(
+    "--kd/--no-kd",
+    default=True,
+    show_default=True,
+    help="Distil from the float model (soft cross-entropy); --no-kd trains on the labels.",
+)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Learning rate of weights and step sizes [sgd: 0.001, adam: 0.0001].",
+)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--calib-images",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="MODEL only: training images for the initial MSE range setting.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Train on a fixed-seed random subset.")
+@click.option(
+    "--class-list",
+    type=PathArg(exists=True, dir_okay=False, path_type=Path),
+    help="Class ids, one per line (labels = line numbers).",
+)
+@click.option("--keep-fp", default="", help="MODEL only: conv/linear layers to leave in float.")
+@int8_range_option
+@click.option(
+    "--checkpoint",
+    type=PathArg(path_type=Path),
+    help="Checkpoint file written every epoch [OUT.ckpt]; removed when the run completes.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint of an interrupted run.")
+@click.option("--out", type=PathArg(path_type=Path), required=True, help="Trained .qcli folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@model_options
+@common
+@run_stage("qcli qat", _qat_rows)
+def qat(
+    model,
+    train_data,
+    bits,
+    epochs,
+    coreset,
+    fraction,
+    interval,
+    kd,
+    optimizer,
+    lr,
+    weight_decay,
+    batch_size,
+    calib_images,
+    limit,
+    class_list,
+    keep_fp,
+    int8_range,
+    checkpoint,
+    resume,
+    out,
+    force,
+    seed,
+    ui,
+    **kw,
+):
+    """Quantization-aware training of MODEL or a calibrated .qcli; writes a .qcli folder.
+
+    LSQ step sizes (initialized from the .qcli's calibration, or from MSE range setting),
+    straight-through rounding, distillation from the float model, a cosine schedule, and
+    ACS coresets. A checkpoint is written every epoch; --resume continues from it.
+    Under torchrun every process trains its share of each batch (DistributedDataParallel).
+
+    \b
+    Examples:
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --limit 1024 --bits w4a4 --method mse --out r20-w4a4.qcli
+      qcli qat r20-w4a4.qcli --train-data cifar10/train --epochs 10 --coreset acs \\
+          --fraction 0.1 --interval 2 --out r20-w4a4-qat.qcli
+      torchrun --nproc-per-node 2 -m qcli qat r20-w4a4.qcli --train-data cifar10/train \\
+          --epochs 10 --coreset full --out r20-w4a4-full.qcli
+    """
+    from qcli.methods.qat import DEFAULT_LR, QATSettings
+    from qcli.stages.common import is_qmodel
+    from qcli.stages.qat import QATConfig
+    from qcli.stages.qat import qat as run
+
+    if coreset == "full":
+        for flag in ("fraction", "interval"):
+            _refuse_given((flag,), "does not apply to --coreset full (it uses every image)")
+    if is_qmodel(model):
+        _refuse_given(
+            ("bits", "keep_fp", "int8_range", "calib_images", "image_size", "mean", "std"),
+            "cannot be given with a .qcli input: it keeps its plan and calibration",
+        )
+    mo = _model(model, kw)
+    settings = QATSettings(
+        epochs=epochs,
+        coreset=coreset,
+        fraction=fraction,
+        interval=interval,
+        kd=kd,
+        optimizer=optimizer,
+        lr=lr or DEFAULT_LR[optimizer],
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    cfg = QATConfig(
+        mo,
+        train_data,
+        out,
+        settings,
+        bits,
+        tuple(k.strip() for k in keep_fp.split(",") if k.strip()),
+        int8_range,
+        calib_images,
+        class_list,
+        limit,
+        checkpoint,
+        resume,
+        force,
+    )
     return run(cfg, ui)
 
 

@@ -47,6 +47,10 @@ class ImageTransform:
     spec: InputSpec
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The geometric part alone: uint8 [3, H, W] at the model's size (what QAT caches)."""
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
@@ -59,9 +63,13 @@ class ImageTransform:
             image = F.center_crop(image, list(spec.size))
         if (image.height, image.width) != spec.size:
             image = F.resize(image, list(spec.size), interpolation=mode)
-        x = F.pil_to_tensor(image).float().div_(255.0)
-        mean = torch.tensor(spec.mean).view(3, 1, 1)
-        std = torch.tensor(spec.std).view(3, 1, 1)
+        return F.pil_to_tensor(image)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, H, W] -> the model's normalized float input."""
+        x = pixels.float().div_(255.0)
+        mean = torch.tensor(self.spec.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.spec.std, device=x.device).view(3, 1, 1)
         return x.sub_(mean).div_(std)
 
 
@@ -141,16 +149,37 @@ class ImageFolderSet(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
+        return self._read(index, self.transform), self.samples[index][1]
+
+    def _read(self, index: int, transform) -> torch.Tensor:
+        path = self.samples[index][0]
         try:
             with Image.open(path) as image:
-                tensor = self.transform(image)
+                return transform(image)
         except DECODE_ERRORS as exc:
             reason = str(exc) or type(exc).__name__
             if all(p != str(path) for p, _ in self.skipped):
                 self.skipped.append((str(path), reason))
             raise UnreadableImage(path, reason) from exc
-        return tensor, label
+
+    def pixels(self, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image decoded once, as uint8 [N, 3, H, W] at the model's size, with its labels
+        (unreadable files left out and recorded): 50,000 CIFAR images are 150 MB, so training
+        epochs re-augment them in memory instead of decoding JPEGs again."""
+        h, w = self.input_spec.size
+        out = torch.empty((len(self), 3, h, w), dtype=torch.uint8)
+        labels = torch.empty(len(self), dtype=torch.int64)
+        n = 0
+        for i in range(len(self)):
+            try:
+                out[n] = self._read(i, self.transform.pixels)
+            except UnreadableImage:
+                continue
+            labels[n] = self.samples[i][1]
+            n += 1
+            if progress is not None:
+                progress(1)
+        return out[:n], labels[:n]
 
 
 def scan_folder(

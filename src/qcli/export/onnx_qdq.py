@@ -151,7 +151,7 @@ class _Writer:
     def weight(self, layer: QConv2d | QLinear, hint: str) -> str:
         wq = layer.weight_quantizer
         w = layer.weight.detach().float().cpu()
-        if wq is None or not wq.enabled:
+        if wq is None or not wq.active:
             return self.const(f"{hint}_weight", w.numpy())
         dtype, _, _ = _storage(wq.spec.bits, wq.spec.signed, self.weight_storage == "int4")
         ints = wq.quantize_int(w).numpy()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qcli.quant.capture import QuantGraph, set_quantization
+from qcli.quant.capture import QuantGraph, set_float
 from qcli.quant.partition import (
     Unit,
     check_chain,
@@ -34,7 +34,7 @@ def float_twin(qg: QuantGraph) -> QuantGraph:
     """A frozen copy with every quantizer off: the float targets, whatever later tuning does
     to the weights of the original."""
     twin = copy.deepcopy(qg)
-    set_quantization(twin, weights=False, activations=False)
+    set_float(twin)
     for p in twin.module.parameters():
         p.requires_grad_(False)
     return twin

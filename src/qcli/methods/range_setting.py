@@ -14,6 +14,7 @@ from torch import Tensor
 
 from qcli.methods.registry import register_calibration
 from qcli.quant.capture import QuantGraph
+from qcli.quant.quantizer import observing
 from qcli.quant.ranges import make_estimator, weight_qparams
 
 
@@ -39,12 +40,9 @@ def set_activation_ranges(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Observe every activation quantizer on the batches; returns the number of images seen."""
-    quantizers = [q for _, q in qg.act_quantizers()]
-    for q in quantizers:
-        q.observer = make_estimator(method)
     device = next(qg.module.parameters()).device
     seen = 0
-    try:
+    with observing(qg.select(weights=False), lambda: make_estimator(method)) as quantizers:
         for x in batches:
             qg.module(x.to(device))
             seen += x.shape[0]
@@ -54,9 +52,6 @@ def set_activation_ranges(
             raise ValueError("no calibration images")
         for q in quantizers:
             q.set_qparams(*q.observer.qparams(q.spec))
-    finally:
-        for q in quantizers:
-            q.observer = None
     return seen
 
 

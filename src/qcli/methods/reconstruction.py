@@ -35,7 +35,7 @@ from qcli.quant import primitives as P
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.partition import GRANULARITIES, Unit, unit_module
-from qcli.quant.quantizer import Quantizer
+from qcli.quant.quantizer import Quantizer, QuantMode, dropping
 from qcli.quant.rounding import AdaRound, attach_adaround, bake_rounding
 
 # progress(n) reports n steps done; progress(0, skip=k) drops k planned steps from the total
@@ -170,7 +170,7 @@ def _unit_parts(module: nn.Module) -> tuple[list[QConv2d | QLinear], list[Quanti
     acts = [
         m
         for m in module.modules()
-        if isinstance(m, Quantizer) and id(m) not in weight_qs and m.enabled
+        if isinstance(m, Quantizer) and id(m) not in weight_qs and m.mode is not QuantMode.OFF
     ]
     return layers, acts
 
@@ -246,23 +246,19 @@ def reconstruct_unit(
         p.requires_grad_(True)
     if s.drop_prob > 0 and drops is None:
         drops = _mask_generator(generator, device, fresh=True)
-    for q in acts:
-        q.drop_prob = s.drop_prob
-        q.drop_generator = drops if s.drop_prob > 0 else None
     steps = 0
     try:
-        if params:
-            data = UnitData(xq, xf, y) if xf is not None else UnitData(xq, xq, y)
-            mixed = xf is not None
-            steps = _optimize(
-                module, groups, roundings, data, mixed, fisher, s, generator, progress, loss, wrap
-            )
-        elif progress:
-            progress(s.iters)
+        with dropping(acts, s.drop_prob, drops):
+            if params:
+                data = UnitData(xq, xf, y) if xf is not None else UnitData(xq, xq, y)
+                mixed = xf is not None
+                steps = _optimize(
+                    module, groups, roundings, data, mixed, fisher, s, generator, progress,
+                    loss, wrap,
+                )  # fmt: skip
+            elif progress:
+                progress(s.iters)
     finally:
-        for q in acts:
-            q.drop_prob = 0.0
-            q.drop_generator = None
         for m in layers:
             if m.weight_quantizer is not None:
                 bake_rounding(m.weight, m.weight_quantizer)

@@ -23,6 +23,7 @@ from qcli.methods.bit_allocation import Unit
 from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import QuantGraph, capture
 from qcli.quant.plan import QuantPlan
+from qcli.quant.quantizer import QuantMode, quant_mode
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,8 @@ def measure_plan(
 
 
 def _float_reference(qg: QuantGraph, images: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    states = [(q, q.enabled) for _, q in qg.quantizers()]
-    for q, _ in states:
-        q.enabled = False
-    try:
+    with quant_mode(qg.select(), QuantMode.OFF):
         logp = F.log_softmax(_forward(qg, images, batch).float(), 1)
-    finally:
-        for q, s in states:
-            q.enabled = s
     return logp, logp.argmax(1)
 
 
@@ -118,18 +113,15 @@ def measure_units(
         if not layers:
             layers = _layer_costs(qg, images[:1])
             acts = [n for n, _ in qg.act_quantizers()]
-        for _, q in quantizers:
-            q.enabled = False
         for name, q in quantizers:
             is_weight = name.endswith(".weight_quantizer")
             if b not in (weight_bits if is_weight else act_bits):
                 continue
             if not (measured_w if is_weight else measured_a):
                 continue
-            q.enabled = True
             unit = name.removesuffix(".weight_quantizer") if is_weight else name
-            scores[unit, b] = score(_forward(qg, images, batch), fp_logp, fp_top)
-            q.enabled = False
+            with quant_mode(qg.select(), QuantMode.OFF), quant_mode([q], QuantMode.QUANTIZE):
+                scores[unit, b] = score(_forward(qg, images, batch), fp_logp, fp_top)
             if progress:
                 progress(1)
     zero = Scores(0.0, 0.0)

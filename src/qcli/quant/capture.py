@@ -26,7 +26,7 @@ from qcli.errors import QcliError
 from qcli.quant import ops
 from qcli.quant.modules import PaddedConv2d, QConv2d, QLinear
 from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
-from qcli.quant.quantizer import Quantizer
+from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode, set_mode
 from qcli.quant.spec import (
     SAFE_INT8_LIMIT,
     BitConfig,
@@ -121,6 +121,14 @@ class QuantGraph:
             if layer.weight_quantizer is not None:
                 yield f"{name}.weight_quantizer", layer.weight_quantizer
         yield from self.act_quantizers()
+
+    def select(self, weights: bool = True, activations: bool = True) -> list[Quantizer]:
+        """Weight and/or activation quantizers, for `quant_mode` and `set_mode`."""
+        return [
+            q
+            for name, q in self.quantizers()
+            if (weights if name.endswith(WEIGHT_SUFFIX) else activations)
+        ]
 
     def to(self, device: torch.device | str) -> QuantGraph:
         self.module.to(device)
@@ -262,11 +270,8 @@ def _check_supported(gm: fx.GraphModule, example: Tensor) -> None:
 
 def _propagate_shapes(gm: fx.GraphModule, example: Tensor) -> None:
     quantizers = [m for m in gm.modules() if isinstance(m, Quantizer)]
-    saved = [q.enabled for q in quantizers]
-    for q in quantizers:
-        q.enabled = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quant_mode(quantizers, QuantMode.OFF):
             ShapeProp(gm).propagate(example)
     except Exception as e:
         raise QcliError(
@@ -274,9 +279,6 @@ def _propagate_shapes(gm: fx.GraphModule, example: Tensor) -> None:
             f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
             "check --image-size"
         ) from e
-    finally:
-        for q, s in zip(quantizers, saved, strict=True):
-            q.enabled = s
 
 
 def _is_tensor(n: fx.Node) -> bool:
@@ -465,12 +467,6 @@ def _link_input_quantizers(gm: fx.GraphModule) -> None:
             mods[n.target].link_input_quantizer(source_quantizer(n.args[0], mods))
 
 
-def set_quantization(
-    qg: QuantGraph, weights: bool | None = None, activations: bool | None = None
-) -> None:
-    """Switch weight and/or activation quantizers on or off (e.g. to get FP targets)."""
-    for name, q in qg.quantizers():
-        is_weight = name.endswith("weight_quantizer")
-        flag = weights if is_weight else activations
-        if flag is not None:
-            q.enabled = flag
+def set_float(qg: QuantGraph) -> None:
+    """Every quantizer off for good: the float model inside the quantized graph."""
+    set_mode(qg.select(), QuantMode.OFF)

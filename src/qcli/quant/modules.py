@@ -48,7 +48,7 @@ class _WeightQuantMixin:
         self._input_quantizer = [q] if q is not None else []
 
     def _quant_active(self, q: Quantizer | None) -> bool:
-        return q is not None and q.enabled and q.observer is None
+        return q is not None and q.active
 
     def quantized_weight(self) -> Tensor:
         wq = self.weight_quantizer

@@ -8,6 +8,7 @@ scale, round, add the zero point, clamp) exist exactly once.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -18,6 +19,32 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 def round_ste(x: Tensor) -> Tensor:
     """Round half to even forward, identity backward (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward (bit for bit), gradient times g backward."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, t: Tensor, g: float) -> Tensor:
+        ctx.g = g
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.g, None
+
+
+def grad_scale(t: Tensor, g: float) -> Tensor:
+    """LSQ's step-size gradient scale: t unchanged forward, its gradient times g.
+
+    LSQ writes it (t - t·g).detach() + t·g, whose forward value can differ from t in the
+    last bit; this keeps training's grid exactly the one export writes."""
+    return _GradScale.apply(t, g)
+
+
+def lsq_gradient_scale(elements: int, qmax: int) -> float:
+    """g = 1/sqrt(N·Q_P): N the elements sharing one step size, Q_P the top grid value."""
+    return 1.0 / math.sqrt(max(elements, 1) * max(qmax, 1))
 
 
 def _broadcast(t: Tensor, x: Tensor, axis: int | None) -> Tensor:

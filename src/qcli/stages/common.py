@@ -152,6 +152,13 @@ class QModel:
     manifest: dict[str, Any]
     input_spec: InputSpec
     source: ModelSource
+    loaded: LoadedModel | None = None  # the float source model it was rebuilt from
+
+
+def is_qmodel(path: str | Path) -> bool:
+    """A .qcli folder (rather than a MODEL spec)."""
+    p = Path(path)
+    return p.is_dir() and (p / "manifest.json").is_file()
 
 
 def load_qmodel(path: Path, weights: str | Path | None = None) -> QModel:
@@ -182,7 +189,7 @@ def load_qmodel(path: Path, weights: str | Path | None = None) -> QModel:
             f"quantized model '{path}' does not match its model's graph "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
         )
-    return QModel(qg, manifest, spec, source)
+    return QModel(qg, manifest, spec, source, loaded)
 
 
 def manifest_plan(manifest: dict[str, Any], path: str) -> QuantPlan:

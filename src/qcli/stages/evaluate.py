@@ -20,7 +20,14 @@ from qcli.errors import QcliError
 from qcli.evaluate import KernelCheck, OrtModel, accuracy, file_size, latency
 from qcli.export import kernels
 from qcli.models import IMAGENET_SPEC, InputSpec
-from qcli.stages.common import DataOptions, ModelOptions, load_qmodel, open_dataset, report_skipped
+from qcli.stages.common import (
+    DataOptions,
+    ModelOptions,
+    is_qmodel,
+    load_qmodel,
+    open_dataset,
+    report_skipped,
+)
 from qcli.ui import UI
 
 
@@ -56,7 +63,7 @@ def resolve_target(
         ort_model = OrtModel(path, threads=threads)
         meta = ort_model.session.get_modelmeta().custom_metadata_map
         return Target(text, "onnx", ort_model, _onnx_input_spec(path, opts), path, dict(meta))
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if is_qmodel(path):
         qm = load_qmodel(path, opts.weights)
         module = qm.graph.module.eval()
         return Target(text, "qcli", _no_grad(module), qm.input_spec, path)

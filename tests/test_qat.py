@@ -1,0 +1,261 @@
+"""QAT with ACS coresets: scores, schedule, selection, LSQ, resume, torchrun, CLI errors."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+from qcli.artifacts import read_qmodel
+from qcli.cli import cli
+from qcli.distributed import Comm
+from qcli.methods import coreset as C
+from qcli.methods.qat import QATSettings, Trainer, TrainImages, augment, draw_augmentation
+from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
+from qcli.quant import primitives as P
+from qcli.quant.capture import capture
+from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode
+from qcli.quant.spec import BitConfig, weight_spec
+from qcli.stages.common import ModelOptions
+from qcli.stages.qat import QATConfig, qat
+from qcli.ui import UI
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+# ------------------------------------------------------------------------- scores and schedule
+
+
+def test_evs_and_ds_match_hand_computed_values():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    p_fp = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    y = torch.tensor([0, 1])
+    torch.testing.assert_close(C.evs(p, y), torch.tensor([math.sqrt(0.14), math.sqrt(1.46)]))
+    torch.testing.assert_close(C.ds(p, p_fp), torch.tensor([math.sqrt(0.06), 0.0]))
+    # mid-training β = 0.5: the plain mean of the two
+    mid = C.acs_scores(p, p_fp, y, 5, 10)
+    torch.testing.assert_close(mid, (C.evs(p, y) + C.ds(p, p_fp)) / 2)
+
+
+def test_annealed_weight_at_first_middle_and_last_epoch():
+    assert C.beta(0, 10) == 1.0  # pure EVS on the initial quantized model
+    assert C.beta(5, 10) == pytest.approx(0.5)
+    assert C.beta(9, 10) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
+    assert C.beta(9, 10) < 0.03  # DS dominates at the end
+
+
+def test_coreset_has_the_requested_size_per_class_and_follows_the_scores():
+    labels = torch.tensor([0] * 10 + [1] * 20 + [2] * 30)
+    scores = torch.arange(60, dtype=torch.float32)
+    picked = C.select_top(scores, labels, 0.2)
+    assert torch.bincount(labels[picked]).tolist() == [2, 4, 6]
+    assert picked.tolist() == [8, 9, 26, 27, 28, 29, 54, 55, 56, 57, 58, 59]
+    flipped = C.select_top(-scores, labels, 0.2)
+    assert torch.bincount(labels[flipped]).tolist() == [2, 4, 6]
+    assert set(flipped.tolist()).isdisjoint(picked.tolist())
+    g = torch.Generator().manual_seed(0)
+    r1, r2 = C.select_random(labels, 0.2, g), C.select_random(labels, 0.2, g)
+    assert torch.bincount(labels[r1]).tolist() == [2, 4, 6]
+    assert not torch.equal(r1, r2)  # a fresh draw each time
+    assert C.fingerprint(r1) != C.fingerprint(r2)
+
+
+def test_scoring_shards_cover_every_image_once():
+    for n in (0, 1, 7, 10):
+        parts = [Comm(r, 3).shard(n) for r in range(3)]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+
+
+# ------------------------------------------------------------------------------ LSQ and augment
+
+
+def test_learn_mode_scales_the_step_size_gradient_and_keeps_the_forward():
+    q = Quantizer(weight_spec(4), channels=2)
+    q.set_qparams(torch.tensor([0.1, 0.2]), torch.zeros(2))
+    q.scale.requires_grad_(True)
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    y_quant = q(w)
+    (g_plain,) = torch.autograd.grad(y_quant.square().sum(), q.scale)
+    with quant_mode([q], QuantMode.LEARN):
+        y_learn = q(w)
+        (g_learn,) = torch.autograd.grad(y_learn.square().sum(), q.scale)
+    assert torch.equal(y_quant, y_learn)  # the training grid is the export grid, bit for bit
+    g = P.lsq_gradient_scale(8, 7)
+    assert g == pytest.approx(1 / math.sqrt(8 * 7))
+    torch.testing.assert_close(g_learn, g_plain * g)
+    assert q.mode is QuantMode.QUANTIZE  # the mode is restored
+
+
+def test_crop_flip_augmentation_keeps_shape_and_can_be_the_identity():
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    params = draw_augmentation("crop-flip", 3, (8, 8), torch.Generator().manual_seed(0))
+    assert augment(x, params, "crop-flip").shape == x.shape
+    centre = params.clone()
+    centre[:, 0:2], centre[:, 4] = 4, 0
+    assert torch.equal(augment(x, centre, "crop-flip"), x)
+    centre[:, 4] = 1
+    assert torch.equal(augment(x, centre, "crop-flip"), x.flip(3))
+    big = torch.randint(0, 256, (2, 3, 80, 80), dtype=torch.uint8)
+    p = draw_augmentation("resized-crop-flip", 2, (80, 80), torch.Generator().manual_seed(0))
+    assert augment(big, p, "resized-crop-flip").shape == big.shape
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _toy_task(n: int = 96) -> tuple[nn.Module, TrainImages]:
+    """Three classes told apart by which colour channel is bright."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 3
+    pixels = torch.randint(0, 120, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    pixels[torch.arange(n), labels] += 120
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+    return net, TrainImages(pixels, labels, lambda u: u.float() / 255 - 0.5)
+
+
+def _loss(qg, data: TrainImages) -> float:
+    with torch.no_grad():
+        out = qg(data.normalize(data.pixels))
+    return float(nn.functional.cross_entropy(out, data.labels))
+
+
+def test_qat_lowers_the_loss_of_a_tiny_quantized_model():
+    torch.manual_seed(0)
+    net, data = _toy_task()
+    qg = capture(net, (3, 8, 8), BitConfig(4, 4))
+    set_weight_ranges(qg, "mse")
+    set_activation_ranges(qg, [data.normalize(data.pixels)], "mse")
+    before = _loss(qg, data)
+    s = QATSettings(
+        epochs=8, coreset="acs", fraction=0.5, interval=2, kd=False, lr=0.05, batch_size=16
+    )
+    s = replace(s, augment="none")
+    history = Trainer(qg, net, data, s, Comm()).run(lambda *a: _no_progress())
+    assert all(q.mode is QuantMode.QUANTIZE for q in qg.select())
+    assert [h.coreset for h in history] == [48] * 8
+    assert [h.selected for h in history] == [True, False] * 4
+    assert _loss(qg, data) < 0.8 * before
+
+
+@contextlib.contextmanager
+def _no_progress():
+    yield lambda n=1, label=None, skip=0: None
+
+
+# --------------------------------------------------------------------------- stage and CLI
+
+
+class _Interrupt(UI):
+    """Ctrl-C on the second step of the given epoch."""
+
+    def __init__(self, epoch_label: str) -> None:
+        self.label = epoch_label
+
+    @contextlib.contextmanager
+    def task(self, description, total):
+        steps = 0
+
+        def advance(n=1, label=None, skip=0):
+            nonlocal steps
+            steps += n
+            if description == self.label and steps == 2:
+                raise KeyboardInterrupt
+
+        yield advance
+
+
+def _cfg(weights: Path, images: Path, out: Path, **kw) -> QATConfig:
+    s = QATSettings(epochs=4, coreset="random", fraction=0.5, interval=2, batch_size=4)
+    model = ModelOptions("builtin:resnet20_cifar10", weights=str(weights))
+    return QATConfig(model, images, out, s, bits=BitConfig(4, 4), calib_images=16, **kw)
+
+
+def test_resume_after_an_interruption_gives_the_same_model(weights, images, tmp_path):
+    whole = _cfg(weights, images, tmp_path / "whole.qcli")
+    qat(whole, UI())
+    cut = _cfg(weights, images, tmp_path / "cut.qcli")
+    with pytest.raises(KeyboardInterrupt):
+        qat(cut, _Interrupt("epoch 4/4"))
+    assert not cut.out.exists() and cut.checkpoint_path().is_file()
+    result = qat(replace(cut, resume=True), UI())
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+    assert not cut.checkpoint_path().exists()  # removed once the output is written
+    _, a = read_qmodel(whole.out)
+    _, b = read_qmodel(cut.out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _flat_folder(root: Path) -> Path:
+    root.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_cli_errors_are_usage_errors(weights, images, tmp_path):
+    base = ["qat", "builtin:resnet20_cifar10", "--weights", str(weights), "--bits", "w4a4"]
+    flat = _flat_folder(tmp_path / "flat")
+    r = CliRunner().invoke(cli, [*base, "--train-data", str(flat), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2
+    assert "no class subfolders" in r.output and "--coreset acs needs them" in r.output
+    full = ["--coreset", "full", "--fraction", "0.2"]
+    r = CliRunner().invoke(
+        cli, [*base, "--train-data", str(images), *full, "--out", str(tmp_path / "b")]
+    )
+    assert r.exit_code == 2
+    assert "--fraction does not apply to --coreset full" in r.output
+    r = CliRunner().invoke(
+        cli, ["qat", "builtin:resnet20_cifar10", "--train-data", str(images), "--out", "c"]
+    )
+    assert r.exit_code == 2 and "needs --bits" in r.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_select_identical_coresets_and_write_one_output(
+    weights, images, tmp_path
+):
+    out = tmp_path / "ddp.qcli"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "qcli", "qat", "builtin:resnet20_cifar10", "--weights", str(weights)]
+    cmd += ["--train-data", str(images), "--bits", "w4a4", "--epochs", "2", "--interval", "1"]
+    cmd += ["--fraction", "0.5", "--batch-size", "4", "--calib-images", "16"]
+    cmd += ["--out", str(out), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)  # one JSON document: rank 0 alone reports
+    assert result["processes"] == 2
+    assert len(result["fingerprints"]) == 2  # one selection per epoch
+    for per_rank in result["fingerprints"]:
+        assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
+    manifest, _ = read_qmodel(out)
+    assert manifest["qat"]["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.qcli"]  # no checkpoint left
+    r = CliRunner().invoke(cli, ["export", str(out), "--out", str(tmp_path / "m.onnx"), "--json"])
+    assert r.exit_code == 0, r.output
+    check = json.loads(r.stdout)["check"]
+    assert check["disagreement_pct"] == 0.0
