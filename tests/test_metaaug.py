@@ -201,3 +201,16 @@ def test_adaquant_layers_get_a_meta_phase_but_not_the_stem_or_classifier():
     meta = [u["name"] for u in out["metaaug"]["units"]]
     assert meta == names[1:-1]  # every layer but the first conv and the classifier
     assert out["metaaug"]["settings"]["iters"] == 1
+
+
+def test_quantize_passes_metaaug_on(tmp_path: Path, weights: Path, images: Path):
+    from qcli.stages.common import ModelOptions
+    from qcli.stages.quantize import QuantizeConfig, method_settings
+
+    cfg = QuantizeConfig(ModelOptions("builtin:resnet20_cifar10"), tmp_path / "q", metaaug=True)
+    assert method_settings("qdrop", cfg)["metaaug"] is True
+    code, _, err = run(
+        "quantize", "builtin:resnet20_cifar10", "--weights", weights, "--data", images,
+        "--method", "mse", "--metaaug", "--out", tmp_path / "q",
+    )  # fmt: skip
+    assert code == 2 and "--metaaug does not apply to --method mse" in err
