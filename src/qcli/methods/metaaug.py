@@ -379,19 +379,19 @@ class MetaAug:
         names = {id(p): n for n, p in module.named_parameters()}
         params = {names[id(p)]: p for g in groups for p in g["params"]}
         eta = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
-        report = MetaUnit(unit.name, self.m.iters, 0.0)
+        steps = self.m.iters if params else 0  # a unit with nothing to learn: nothing to meta
+        report = MetaUnit(unit.name, steps, 0.0)
         step = _MetaStep(self, chain, seg, unit, module, params, eta)
         try:
             for p in params.values():
                 p.requires_grad_(True)
             with _Unfused(self.qg.module):
-                for i in range(self.m.iters if params else 0):
+                for i in range(steps):
                     terms = step()
-                    if i == 0:
-                        report.outer_first = terms["outer"]
-                report.outer_last = terms["outer"] if params else 0.0
-                for k in ("kl", "margin", "pkt", "change"):
-                    setattr(report, k, terms[k] if params else 0.0)
+                    report.outer_first = terms["outer"] if i == 0 else report.outer_first
+                    report.outer_last = terms["outer"]
+                    for k in ("kl", "margin", "pkt", "change"):
+                        setattr(report, k, terms[k])
         finally:
             for p in params.values():
                 p.requires_grad_(False)
