@@ -8,7 +8,7 @@ Rows are `Row(label, method, settings)` entries: a new calibration method (AdaRo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from suites.common import (
@@ -52,11 +52,18 @@ ROWS = [
         {"bn_tune": True},
         only={"r20": HARD, "effl0": ("w4a8", "w4a4")},
     ),
+    Row(
+        "QDrop + BN tuning + MetaAug",
+        "qdrop",
+        {"bn_tune": True, "metaaug": True},
+        only={"r20": HARD, "effl0": ("w4a8", "w4a4")},
+    ),
     Row("QDrop", "qdrop", only={"r20": ("w4a8", "w4a4", "w2a4")}),
     Row("AdaRound", "adaround", only={"r20": ("w4a4", "w2a4"), "effl0": ("w4a8",)}),
     Row("AdaQuant", "adaquant", only={"r20": ("w4a4",)}),
     Row("AdaQuant + BN tuning", "adaquant", {"bn_tune": True}, only={"r20": ("w4a4",)}),
     Row("BRECQ", "brecq", only={"r20": ("w4a4",)}),
+    Row("BRECQ + MetaAug", "brecq", {"metaaug": True}, only={"r20": ("w4a4",)}),
     Row("MSE", "mse"),
     Row(
         "MSE + BN tuning",
@@ -71,6 +78,14 @@ ROWS = [
 BITS = {"r20": ["w8a8", "w4a8", "w4a4", "w3a3", "w2a4"], "effl0": ["w8a8", "w4a8", "w4a4"]}
 # Iterations-vs-accuracy trade-off: QDrop on r20 W4A4.
 SWEEP = {"model": "r20", "method": "qdrop", "bits": "w4a4", "iters": [50, 200, 500]}
+
+# Calibration-vs-held-out gap with a small calibration set (MetaAug's claim): QDrop + BN
+# tuning with and without MetaAug, equal reconstruction iterations.
+GAP = {"r20": {"images": 128, "bits": ("w4a4", "w2a4")}, "effl0": {"images": 50, "bits": ("w4a4",)}}
+GAP_ROWS = [
+    Row("QDrop + BN tuning", "qdrop", {"bn_tune": True}),
+    Row("QDrop + BN tuning + MetaAug", "qdrop", {"bn_tune": True, "metaaug": True}),
+]
 
 QUICK_ROWS = [Row("MSE", "mse"), Row("QDrop", "qdrop", {"iters": 20})]
 QUICK_BITS = {"r20": ["w4a4"]}
@@ -98,6 +113,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     cells.append(_cell(ctx, b, row, bits, fp.top1, _settings(row, b.key)))
                     partial = {"models": {**models, b.key: {"fp": fp.to_dict(), "cells": cells}}}
                     write_partial(ctx, partial)
+        if not ctx.quick and b.key in GAP:
+            models[b.key + "_gap"] = _gap(ctx, b)
         sweep = QUICK_SWEEP if ctx.quick else SWEEP
         if sweep["model"] == b.key:
             models[b.key + "_sweep"] = _sweep(ctx, b, sweep, fp.top1)
@@ -110,7 +127,37 @@ def run(ctx: Context) -> dict[str, Any]:
             "cells": cells,
         }
     sweeps = {k.removesuffix("_sweep"): models.pop(k) for k in list(models) if k.endswith("_sweep")}
-    return {"rows": [r.__dict__ for r in rows], "models": models, "sweeps": sweeps}
+    gaps = {k.removesuffix("_gap"): models.pop(k) for k in list(models) if k.endswith("_gap")}
+    return {"rows": [r.__dict__ for r in rows], "models": models, "sweeps": sweeps, "gaps": gaps}
+
+
+def _gap(ctx: Context, b) -> dict[str, Any]:
+    """Top-1 on the (small) calibration set itself and on the held-out images, per row."""
+    n = GAP[b.key]["images"]
+    small = replace(b, calib=replace(b.calib, limit=n), _eval=None)
+    small.calib_desc = f"{n} of {b.calib_desc}"
+    # the calibration images as an evaluation set: the same seeded subset calibrate draws
+    on_calib = replace(small, eval_path=small.calib.path, eval_limit=n, _eval=None)
+    on_calib.eval_desc = f"the {n} calibration images"
+    cells = []
+    for bits in GAP[b.key]["bits"]:
+        for row in GAP_ROWS:
+            settings = _settings(row, b.key)
+            art = qcli_artifact(ctx, small, row.method, bits, settings)
+            cell = {"row": row.label, "bits": bits, "settings": settings, "info": art.info}
+            if art.onnx is not None:
+                cell["calib"] = score_ort(ctx, on_calib, art.onnx).to_dict()
+                cell["held_out"] = score_ort(ctx, small, art.onnx).to_dict()
+                cell["gap"] = cell["calib"]["top1"] - cell["held_out"]["top1"]
+            cells.append(cell)
+            log(f"ptq gap {b.key} {row.label} {bits}: {cell.get('calib')} / {cell.get('held_out')}")
+    return {
+        "images": n,
+        "fp_calib": score_fp(ctx, on_calib).top1,
+        "fp_held_out": score_fp(ctx, small).top1,
+        "evaluation": small.eval_desc,
+        "cells": cells,
+    }
 
 
 def _sweep(ctx: Context, b, sweep: dict[str, Any], fp_top1: float) -> dict[str, Any]:
@@ -232,7 +279,41 @@ def markdown(payload: dict[str, Any]) -> str:
             )
         )
     out += _sweep_markdown(payload.get("sweeps", {}))
+    out += _gap_markdown(payload.get("gaps", {}))
     return "\n".join(out)
+
+
+def _gap_markdown(gaps: dict[str, Any]) -> list[str]:
+    out = []
+    for key, g in gaps.items():
+        out += [
+            "",
+            f"## Calibration vs held-out top-1 on {key}, {g['images']} calibration images",
+            "",
+            f"FP32: {g['fp_calib']:.2f} on the calibration images, {g['fp_held_out']:.2f} on "
+            f"{g['evaluation']}. ORT top-1; gap = calibration − held-out; equal "
+            "reconstruction iterations per row; MetaAug's own time is part of calibration s.",
+            "",
+        ]
+        rows = []
+        for c in g["cells"]:
+            info = c["info"]
+            meta = info.get("calibrate_result", {}).get("metaaug") or {}
+            rows.append(
+                [
+                    c["row"],
+                    c["bits"].upper(),
+                    c.get("calib", {}).get("top1"),
+                    c.get("held_out", {}).get("top1"),
+                    fmt(c.get("gap")),
+                    info.get("calibrate_wall_s"),
+                    meta.get("seconds", "—"),
+                    meta.get("peak_rss_mb", "—"),
+                ]
+            )
+        header = ["method", "bits", "calib top-1", "held-out top-1", "gap", "calibration s"]
+        out.append(md_table([*header, "meta s", "peak RSS MB"], rows))
+    return out
 
 
 def _sweep_markdown(sweeps: dict[str, Any]) -> list[str]:

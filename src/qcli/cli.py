@@ -369,6 +369,12 @@ def _mb(v) -> str:
 )
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @click.option(
+    "--metaaug",
+    is_flag=True,
+    help="MetaAug: reconstruct on the calibration images plus learned transforms of them "
+    "(adaquant, brecq, qdrop; see calibrate --metaaug).",
+)
+@click.option(
     "--mixed",
     is_flag=True,
     help="Mixed precision at the size of uniform --bits weights: allocate-bits picks 2, 3, 4 "
@@ -394,6 +400,7 @@ def quantize(
     stop,
     bn_tune,
     no_latency,
+    metaaug,
     mixed,
     int8_range,
     weight_storage,
@@ -440,6 +447,7 @@ def quantize(
         int8_range=int8_range,
         weight_storage=weight_storage,
         mixed=mixed,
+        metaaug=metaaug,
     )
     return run(cfg, ui)
 
@@ -586,6 +594,15 @@ def _calibrate_rows(r: dict) -> list[tuple]:
         steps = sorted(u["steps"] for u in units)
         span = f"{steps[0]}-{steps[-1]} per unit"
         rows.append(("reconstruction", f"{len(units)} units, {sum(steps)} steps ({span})"))
+    meta = r.get("metaaug")
+    if meta:
+        rows.append(
+            (
+                "MetaAug",
+                f"{len(meta['units'])} units, {meta['seconds']} s meta phase, "
+                f"peak RSS {meta['peak_rss_mb_before']:.0f} -> {meta['peak_rss_mb']:.0f} MB",
+            )
+        )
     if r.get("tuning"):
         rows.append(("BN/bias tuning", f"{r['tuning']['seconds']} s"))
     widened = r.get("int8_range", {}).get("widened")
@@ -633,6 +650,24 @@ def _calibrate_rows(r: dict) -> list[tuple]:
     help="QDrop: chance an activation stays float during reconstruction [qdrop: 0.5].",
 )
 @click.option("--fisher", is_flag=True, help="BRECQ/QDrop: Fisher-weighted output loss.")
+@click.option(
+    "--metaaug",
+    is_flag=True,
+    help="MetaAug (adaquant, brecq, qdrop): before each unit, train a small UNet T so that "
+    "reconstructing on T(x) helps on the original images; then reconstruct on both.",
+)
+@click.option(
+    "--meta-iters",
+    type=click.IntRange(min=0),
+    help="MetaAug: bi-level steps on T per unit [50; 0: no augmentation, the base method].",
+)
+@click.option(
+    "--meta-weights",
+    help="MetaAug: outer-loss weights a,b,c of KL on originals, the anti-identity margin and "
+    "PKT feature preservation [5,0.5,30000].",
+)
+@click.option("--meta-margin", type=float, help="MetaAug: margin m, mean((T(x)-x)^2) [0.1].")
+@click.option("--meta-lr", type=float, help="MetaAug: Adam learning rate of T [0.001].")
 @click.option("--bn-tune", is_flag=True, help="Re-estimate per-channel statistics and refold.")
 @click.option("--bias-tune", is_flag=True, help="Correct the per-channel output shift.")
 @click.option(
@@ -661,6 +696,11 @@ def calibrate(
     stop,
     drop_prob,
     fisher,
+    metaaug,
+    meta_iters,
+    meta_weights,
+    meta_margin,
+    meta_lr,
     bn_tune,
     bias_tune,
     show_units,
@@ -681,6 +721,8 @@ def calibrate(
           --limit 1024 --bits w4a8 --method mse --out r20-w4a8.qcli
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --limit 1024 --bits w4a4 --method qdrop --iters 1000 --bn-tune --out r20-w4a4.qcli
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --limit 128 --bits w4a4 --method qdrop --metaaug --meta-iters 50 --out r20-meta.qcli
       qcli calibrate builtin:efficientnet_lite0 --method brecq --show-units
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --bit-config bits.json --method adaround --out r20-mixed.qcli   # mixed precision
@@ -695,6 +737,9 @@ def calibrate(
     settings = {k: v for k, v in settings.items() if v is not None}
     if fisher:
         settings["fisher"] = True
+    meta = {"meta_iters": meta_iters, "meta_weights": meta_weights}
+    meta |= {"meta_margin": meta_margin, "meta_lr": meta_lr, "metaaug": metaaug or None}
+    settings |= {k: v for k, v in meta.items() if v is not None}
     data = _data(kw)
     cfg = CalibrateConfig(
         _model(model, kw),

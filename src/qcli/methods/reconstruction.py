@@ -534,7 +534,9 @@ def _method(name: str):
         s = within_budget(qg, settings_for(name, settings or {}), images.shape[0])
         set_weight_ranges(qg, s.range_method)
         set_activation_ranges(qg, images.split(s.batch_size), s.range_method)
-        results = reconstruct(qg, images, s, progress)
+        meta = _metaaug(qg, images, s, settings or {}, progress)
+        seams = Seams(inputs=meta) if meta is not None else Seams()
+        results = reconstruct(qg, images, s, progress, seams=seams)
         widened = fit_bias_grids(qg)
         return {
             "images": images.shape[0],
@@ -543,23 +545,46 @@ def _method(name: str):
                 "units": [asdict(r) for r in results],
             },
             "bias_grid_channels_widened": widened,
+            **({"metaaug": meta.report()} if meta is not None else {}),
         }
 
     return run
 
 
-for _name, _summary, _rank in (
-    ("adaround", "layer-wise learned up/down rounding (AdaRound)", 3),
-    ("adaquant", "layer-wise weights, biases and step sizes (AdaQuant, sequential)", 4),
-    ("brecq", "block reconstruction: rounding + activation step sizes (BRECQ)", 5),
-    ("qdrop", "BRECQ with activation quantization randomly dropped (QDrop)", 6),
+def _metaaug(qg: QuantGraph, images: Tensor, s: ReconSettings, settings: dict, progress):
+    """MetaAug's input source when the settings ask for it (methods/metaaug.py), else None."""
+    from qcli.methods.metaaug import MetaAug, meta_settings, pixel_range
+
+    m = meta_settings(settings)
+    if m is None:
+        return None
+    norm = settings.get("input_norm")
+    if norm is not None:
+        bounds = pixel_range(norm)
+    else:  # no input spec given (library use): the calibration images' own range
+        bounds = (images.amin((0, 2, 3), keepdim=True), images.amax((0, 2, 3), keepdim=True))
+    return MetaAug(qg, images, s, m, bounds, progress)
+
+
+# The settings MetaAug reads (--metaaug, --meta-iters, ...; methods/metaaug.py).
+META_SETTINGS = frozenset({"metaaug", "meta_iters", "meta_weights", "meta_margin", "meta_lr"})
+for _name, _summary, _rank, _extra in (
+    ("adaround", "layer-wise learned up/down rounding (AdaRound)", 3, frozenset()),
+    (
+        "adaquant",
+        "layer-wise weights, biases and step sizes (AdaQuant, sequential)",
+        4,
+        META_SETTINGS,
+    ),
+    ("brecq", "block reconstruction: rounding + activation step sizes (BRECQ)", 5, META_SETTINGS),
+    ("qdrop", "BRECQ with activation quantization randomly dropped (QDrop)", 6, META_SETTINGS),
 ):
     register_calibration(
         _name,
         _summary,
         _rank,
         total=lambda qg, n, st, m=_name: total_steps(qg, m, st, n),
-        settings=frozenset(f.name for f in fields(ReconSettings)),
+        settings=frozenset(f.name for f in fields(ReconSettings)) | _extra,
     )(_method(_name))
 
 

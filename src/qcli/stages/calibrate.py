@@ -68,6 +68,11 @@ SETTING_FLAGS = {
     "drop_prob": "--drop-prob",
     "fisher": "--fisher",
     "granularity": "--granularity",
+    "metaaug": "--metaaug",
+    "meta_iters": "--meta-iters",
+    "meta_weights": "--meta-weights",
+    "meta_margin": "--meta-margin",
+    "meta_lr": "--meta-lr",
 }
 
 
@@ -85,6 +90,10 @@ def check_settings(method: str, settings: dict[str, Any]) -> None:
             f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to --method {method}"
             + (f" (it applies to {', '.join(owners)})" if owners else "")
         )
+    if CALIBRATION_METHODS[method].settings & {"metaaug"}:
+        from qcli.methods.metaaug import meta_settings
+
+        meta_settings(settings)  # meta flags need --metaaug; their values are checked
 
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
@@ -99,6 +108,8 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     qg = capture(loaded.module, (3, *loaded.input_spec.size), plan)
     qg.to(device())
     settings = {"seed": cfg.seed, **cfg.settings}
+    if settings.get("metaaug"):  # T's output stays within the valid pixel range
+        settings["input_norm"] = {k: list(getattr(loaded.input_spec, k)) for k in ("mean", "std")}
     bs = cfg.data.batch_size
     # Tuning needs every image in memory after the method: decode them once for both.
     tune = cfg.bn_tune or cfg.bias_tune

@@ -59,6 +59,7 @@ class QuantizeConfig:
     # Mixed precision at the size of uniform `bits.weight` weights: allocate-bits over
     # MIXED_WIDTHS (activations stay at bits.activation), then calibrate that plan.
     mixed: bool = False
+    metaaug: bool = False  # MetaAug on top of the (reconstruction) method
 
 
 MIXED_WIDTHS = (2, 3, 4, 8)
@@ -82,6 +83,8 @@ def method_settings(method: str, cfg: QuantizeConfig) -> dict[str, Any]:
     """The calibration settings `quantize` passes on: the user's, over the one-shot effort
     where the method reconstructs (a flag the method does not read stays, to be refused)."""
     given = {k: v for k, v in (("iters", cfg.iters), ("stop", cfg.stop)) if v is not None}
+    if cfg.metaaug:
+        given["metaaug"] = True
     check_settings(method, {})  # an unknown method is named before its settings are looked up
     if "stop" not in CALIBRATION_METHODS[method].settings:
         return given
