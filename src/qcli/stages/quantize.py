@@ -51,6 +51,7 @@ class QuantizeConfig:
     latency: bool = True
     iters: int | None = None  # reconstruction iterations per unit; a ceiling under "plateau"
     stop: str | None = None  # reconstruction effort mode (None: see `method_settings`)
+    granularity: str | None = None  # reconstruction unit, e.g. "mrecg" (None: the method's)
     bn_tune: bool | None = None  # None: on below 8 bits
     int8_range: str = "safe"
     weight_storage: str = "int8"  # int8 runs in integer kernels; int4 is smaller but slower
@@ -79,7 +80,8 @@ ONE_SHOT_EFFORT: dict[str, Any] = {"iters": 500, "budget": 80.0}
 def method_settings(method: str, cfg: QuantizeConfig) -> dict[str, Any]:
     """The calibration settings `quantize` passes on: the user's, over the one-shot effort
     where the method reconstructs (a flag the method does not read stays, to be refused)."""
-    given = {k: v for k, v in (("iters", cfg.iters), ("stop", cfg.stop)) if v is not None}
+    pairs = (("iters", cfg.iters), ("stop", cfg.stop), ("granularity", cfg.granularity))
+    given = {k: v for k, v in pairs if v is not None}
     check_settings(method, {})  # an unknown method is named before its settings are looked up
     if "stop" not in CALIBRATION_METHODS[method].settings:
         return given
