@@ -197,26 +197,29 @@ def _recon_stats(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _oscillation_plots(key: str, cells: list[dict[str, Any]]) -> None:
-    """benchmarks/ptq-oscillation-<model>-<bits>-<row>.png: the MRECG run's loss profile over its
-    base method's (both fully reconstructed) and the base pass that ranked the gaps."""
+    """benchmarks/ptq-oscillation-<model>-<bits>-<row>.png for each MRECG cell beside its base."""
     by = {(c["row"], c["bits"]): c for c in cells if c.get("oscillation")}
     for mrecg_row, base_row in MRECG_PAIRS.items():
         for (row, bits), c in by.items():
             base = by.get((base_row, bits))
             if row != mrecg_row or base is None:
                 continue
-            report = c["oscillation"]
-            profiles = {
-                base_row: base["oscillation"]["profiles"]["reconstructed"],
-                **{
-                    (mrecg_row if k == "reconstructed" else k): p
-                    for k, p in report["profiles"].items()
-                    if k != "before reconstruction"
-                },
-            }
+            report = pair_report(base["oscillation"], c["oscillation"], base_row, mrecg_row)
             name = mrecg_row.split(" ")[0].replace("+", "-").lower()
             path = PLOTS / f"ptq-oscillation-{key}-{bits}-{name}.png"
-            write_loss_plot(path, {**report, "profiles": profiles}, f"{key} {bits.upper()}")
+            write_loss_plot(path, report, f"{key} {bits.upper()}")
+
+
+def pair_report(
+    base: dict[str, Any], merged: dict[str, Any], base_label: str, merged_label: str
+) -> dict[str, Any]:
+    """One oscillation report from two runs' (manifest `oscillation` entries): the base
+    method's reconstructed profile, MRECG's, and the base pass that ranked MRECG's gaps."""
+    profiles = {base_label: base["profiles"]["reconstructed"]}
+    for k, p in merged["profiles"].items():
+        if k != "before reconstruction":
+            profiles[merged_label if k == "reconstructed" else k] = p
+    return {**merged, "profiles": profiles}
 
 
 def markdown(payload: dict[str, Any]) -> str:
