@@ -232,3 +232,19 @@ def test_mrecg_usage_errors(weights: Path, args, message):
     code, _, err = run("calibrate", "builtin:resnet20_cifar10", "--weights", weights, *args)
     assert code == 2, err
     assert message in err and "Traceback" not in err
+
+
+def test_quantize_refuses_mrecg_for_a_layer_method_before_any_work(weights: Path, tmp_path: Path):
+    code, _, err = run(
+        *("quantize", "builtin:resnet20_cifar10", "--weights", weights, "--bits", "w4a4"),
+        *("--method", "adaround", "--granularity", "mrecg", "--out", tmp_path / "q"),
+    )
+    assert code == 2 and "brecq and qdrop" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_passes_the_granularity_on():
+    from qcli.stages.quantize import QuantizeConfig, method_settings
+
+    cfg = QuantizeConfig(None, Path("q"), BitConfig(4, 4), granularity="mrecg")  # type: ignore[arg-type]
+    assert method_settings("qdrop", cfg)["granularity"] == "mrecg"

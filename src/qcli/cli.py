@@ -37,6 +37,8 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
+# Reconstruction units: a partition, or MRECG's blocks with merged neighbours.
+GRANULARITY_CHOICES = ["layer", "block", "stage", "mrecg"]
 MAX_IMAGE_SIZE = 4096  # 32 images of 4096² already take 6 GB as float32
 
 
@@ -360,7 +362,7 @@ def _mb(v) -> str:
 )
 @click.option(
     "--granularity",
-    type=click.Choice(["layer", "block", "stage", "mrecg"]),
+    type=click.Choice(GRANULARITY_CHOICES),
     help="Reconstruction unit when the method reconstructs (see calibrate); mrecg: blocks with "
     "the largest capacity gaps merged (brecq, qdrop).",
 )
@@ -635,7 +637,7 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
 )
 @click.option(
     "--granularity",
-    type=click.Choice(["layer", "block", "stage", "mrecg"]),
+    type=click.Choice(GRANULARITY_CHOICES),
     help="Reconstruction unit [adaround, adaquant: layer; brecq, qdrop: block]; mrecg: "
     "blocks, the adjacent pairs with the largest capacity gaps merged (brecq, qdrop).",
 )
