@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from qcli.artifacts.plot import write_loss_plot
 from suites.common import (
     Context,
     benches,
@@ -43,6 +45,13 @@ RECON = ("adaround", "adaquant", "brecq", "qdrop")
 # the iterations table below shows what more buys.
 RECON_SETTINGS = {"r20": {"iters": 200}, "effl0": {"iters": 100, "batch_size": 16}}
 HARD = ("w4a4", "w3a3", "w2a4")
+MRECG_CELLS = {"r20": HARD, "effl0": ("w4a8", "w4a4")}
+# Oscillation plots: each MRECG row beside its base row, per model and bit width.
+MRECG_PAIRS = {
+    "MRECG+QDrop + BN tuning": "QDrop + BN tuning",
+    "MRECG+BRECQ + BN tuning": "BRECQ + BN tuning",
+}
+PLOTS = Path(__file__).resolve().parents[1]
 
 # Ordered so the cells that matter most run first (a run cut short keeps them).
 ROWS = [
@@ -57,6 +66,21 @@ ROWS = [
         "qdrop",
         {"bn_tune": True, "metaaug": True},
         only={"r20": HARD, "effl0": ("w4a8", "w4a4")},
+    ),
+    # MRECG (merged block pairs, loss capacity, default merges) beside its base methods at
+    # equal iterations per unit; its base pass adds `capacity_iters` per block on top.
+    Row(
+        "MRECG+QDrop + BN tuning",
+        "qdrop",
+        {"bn_tune": True, "granularity": "mrecg"},
+        only=MRECG_CELLS,
+    ),
+    Row("BRECQ + BN tuning", "brecq", {"bn_tune": True}, only=MRECG_CELLS),
+    Row(
+        "MRECG+BRECQ + BN tuning",
+        "brecq",
+        {"bn_tune": True, "granularity": "mrecg"},
+        only=MRECG_CELLS,
     ),
     Row("QDrop", "qdrop", only={"r20": ("w4a8", "w4a4", "w2a4")}),
     Row("AdaRound", "adaround", only={"r20": ("w4a4", "w2a4"), "effl0": ("w4a8",)}),
@@ -115,6 +139,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     write_partial(ctx, partial)
         if not ctx.quick and b.key in GAP:
             models[b.key + "_gap"] = _gap(ctx, b)
+        if not ctx.quick:
+            _oscillation_plots(b.key, cells)
         sweep = QUICK_SWEEP if ctx.quick else SWEEP
         if sweep["model"] == b.key:
             models[b.key + "_sweep"] = _sweep(ctx, b, sweep, fp.top1)
@@ -183,6 +209,7 @@ def _cell(
         "export_check": art.info.get("export", {}).get("check"),
         "export_error": art.info.get("export_error"),
     }
+    cell.update(_recon_stats(art.info.get("calibrate_result", {})))
     sim = score_sim(ctx, b, art.qmodel)
     cell["sim"] = sim.to_dict()
     if art.onnx is not None:
@@ -197,6 +224,49 @@ def _cell(
         f"sim≠ORT {fmt(cell.get('sim_vs_ort_differ_pct'), 3)}%, calib {cell['calibrate_s']} s"
     )
     return cell
+
+
+def _recon_stats(result: dict[str, Any]) -> dict[str, Any]:
+    """Reconstruction cost and shape: the largest activation cache a unit held, the process's
+    peak memory (cumulative over the cells run in one process), MRECG's merges, and the
+    per-unit loss profile with its oscillation (`qcli.methods.mrecg.oscillation`)."""
+    recon = result.get("reconstruction")
+    if not recon:
+        return {}
+    out: dict[str, Any] = {
+        "cache_mb": round(max(u["cache_mb"] for u in recon["units"]), 1),
+        "peak_rss_mb": recon.get("peak_rss_mb"),
+        "oscillation": recon.get("oscillation"),
+    }
+    if "mrecg" in recon:
+        out["mrecg"] = recon["mrecg"]
+    return out
+
+
+def _oscillation_plots(key: str, cells: list[dict[str, Any]]) -> None:
+    """benchmarks/ptq-oscillation-<model>-<bits>-<row>.png for each MRECG cell beside its base."""
+    by = {(c["row"], c["bits"]): c for c in cells if c.get("oscillation")}
+    for mrecg_row, base_row in MRECG_PAIRS.items():
+        for (row, bits), c in by.items():
+            base = by.get((base_row, bits))
+            if row != mrecg_row or base is None:
+                continue
+            report = pair_report(base["oscillation"], c["oscillation"], base_row, mrecg_row)
+            name = mrecg_row.split(" ")[0].replace("+", "-").lower()
+            path = PLOTS / f"ptq-oscillation-{key}-{bits}-{name}.png"
+            write_loss_plot(path, report, f"{key} {bits.upper()}")
+
+
+def pair_report(
+    base: dict[str, Any], merged: dict[str, Any], base_label: str, merged_label: str
+) -> dict[str, Any]:
+    """One oscillation report from two runs' (manifest `oscillation` entries): the base
+    method's reconstructed profile, MRECG's, and the base pass that ranked MRECG's gaps."""
+    profiles = {base_label: base["profiles"]["reconstructed"]}
+    for k, p in merged["profiles"].items():
+        if k != "before reconstruction":
+            profiles[merged_label if k == "reconstructed" else k] = p
+    return {**merged, "profiles": profiles}
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -258,6 +328,9 @@ def markdown(payload: dict[str, Any]) -> str:
                     _differ(c),
                     c.get("calibrate_wall_s") or c["calibrate_s"],
                     fmt(la[0][0], 1),
+                    c.get("cache_mb", "—"),
+                    _osc(c),
+                    _merged(c),
                     c["export_error"] or "",
                 ]
             )
@@ -273,6 +346,9 @@ def markdown(payload: dict[str, Any]) -> str:
                     "sim≠ORT",
                     "calibration s",
                     "load avg",
+                    "cache MB",
+                    "oscillation",
+                    "MRECG merged",
                     "note",
                 ],
                 detail,
@@ -342,6 +418,20 @@ def _sweep_markdown(sweeps: dict[str, Any]) -> list[str]:
             )
         out.append(md_table(["iterations", "ORT top-1", "drop", "calibration s", "load"], rows))
     return out
+
+
+def _osc(c: dict[str, Any]) -> str:
+    """Relative oscillation of the reconstructed per-unit loss (0: never falls with depth)."""
+    report = c.get("oscillation")
+    if not report:
+        return "—"
+    osc = report["profiles"]["reconstructed"]["oscillation"]
+    return f"{osc['relative']:.3f} ({osc['decreases']})"
+
+
+def _merged(c: dict[str, Any]) -> str:
+    d = c.get("mrecg")
+    return "; ".join("+".join(g["units"]) for g in d["merged"]) if d else ""
 
 
 def _differ(c: dict[str, Any]) -> str:

@@ -37,6 +37,8 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
+# Reconstruction units: a partition, or MRECG's blocks with merged neighbours.
+GRANULARITY_CHOICES = ["layer", "block", "stage", "mrecg"]
 MAX_IMAGE_SIZE = 4096  # 32 images of 4096² already take 6 GB as float32
 
 
@@ -361,6 +363,12 @@ def _mb(v) -> str:
     "stops improving [plateau].",
 )
 @click.option(
+    "--granularity",
+    type=click.Choice(GRANULARITY_CHOICES),
+    help="Reconstruction unit when the method reconstructs (see calibrate); mrecg: blocks with "
+    "the largest capacity gaps merged (brecq, qdrop).",
+)
+@click.option(
     "--bn-tune/--no-bn-tune",
     default=True,
     show_default=True,
@@ -398,6 +406,7 @@ def quantize(
     gen_method,
     iters,
     stop,
+    granularity,
     bn_tune,
     no_latency,
     metaaug,
@@ -443,6 +452,7 @@ def quantize(
         latency=not no_latency,
         iters=iters,
         stop=stop,
+        granularity=granularity,
         bn_tune=bn_tune,
         int8_range=int8_range,
         weight_storage=weight_storage,
@@ -582,11 +592,9 @@ def generate_data(
 
 def _calibrate_rows(r: dict) -> list[tuple]:
     if "units" in r and "out" not in r:  # --show-units
-        return [
-            ("model", r["model"]),
-            ("granularity", r["granularity"]),
-            ("units", len(r["units"])),
-        ]
+        rows = [("model", r["model"]), ("granularity", r["granularity"])]
+        rows.append(("units", len(r["units"])))
+        return rows + _mrecg_rows(r.get("mrecg"))
     keys = ["out", "model", "bits", "method", "layers", "activation_quantizers", "images"]
     rows = _kv(keys)(r)
     units = r.get("reconstruction", {}).get("units")
@@ -603,6 +611,15 @@ def _calibrate_rows(r: dict) -> list[tuple]:
                 f"peak RSS {meta['peak_rss_mb_before']:.0f} -> {meta['peak_rss_mb']:.0f} MB",
             )
         )
+    recon = r.get("reconstruction", {})
+    rows += _mrecg_rows(recon.get("mrecg"))
+    for label, p in recon.get("oscillation", {}).get("profiles", {}).items():
+        osc = p["oscillation"]
+        rows.append(
+            (f"oscillation, {label}", f"{osc['decreases']} drops, relative {osc['relative']:.3f}")
+        )
+    if r.get("plot"):
+        rows.append(("loss plot", r["plot"]))
     if r.get("tuning"):
         rows.append(("BN/bias tuning", f"{r['tuning']['seconds']} s"))
     widened = r.get("int8_range", {}).get("widened")
@@ -615,6 +632,17 @@ def _calibrate_rows(r: dict) -> list[tuple]:
             )
         )
     return [*rows, ("seconds", r.get("seconds"))]
+
+
+def _mrecg_rows(d: dict | None) -> list[tuple]:
+    """MRECG's decision: the capacity used and each merged group with its gaps."""
+    if not d:
+        return []
+    merged = "; ".join(
+        f"{'+'.join(g['units'])} (gap {', '.join(f'{x:.4g}' for x in g['gaps'])})"
+        for g in d["merged"]
+    )
+    return [("MRECG capacity", d["capacity"]), ("MRECG merged", merged or "none")]
 
 
 @cli.command()
@@ -630,13 +658,45 @@ def _calibrate_rows(r: dict) -> list[tuple]:
 )
 @click.option(
     "--granularity",
-    type=click.Choice(["layer", "block", "stage"]),
-    help="Reconstruction unit [adaround, adaquant: layer; brecq, qdrop: block].",
+    type=click.Choice(GRANULARITY_CHOICES),
+    help="Reconstruction unit [adaround, adaquant: layer; brecq, qdrop: block]; mrecg: "
+    "blocks, the adjacent pairs with the largest capacity gaps merged (brecq, qdrop).",
+)
+@click.option(
+    "--merges",
+    type=click.IntRange(min=0),
+    help="MRECG: adjacent block pairs to merge [a fifth of the blocks].",
+)
+@click.option(
+    "--capacity",
+    type=click.Choice(["loss", "data-free"]),
+    help="MRECG: rank gaps by the per-block loss of a short base reconstruction [loss], or "
+    "by parameters x bits x stride discount (data-free, needs no data for --show-units).",
+)
+@click.option(
+    "--capacity-iters",
+    type=click.IntRange(min=1),
+    help="MRECG --capacity loss: iterations per block of the base pass [50].",
+)
+@click.option(
+    "--capacity-alpha",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="MRECG --capacity data-free: discount per stride step [0.5].",
 )
 @click.option(
     "--iters",
     type=click.IntRange(min=1),
     help="Reconstruction iterations per unit [500; the papers use 10000-20000].",
+)
+@click.option(
+    "--recon-batch",
+    type=click.IntRange(min=1),
+    help="Reconstruction images per iteration [32; MRECG's larger-batch finding: 256].",
+)
+@click.option(
+    "--plot",
+    type=PathArg(dir_okay=False, path_type=Path),
+    help="Write a PNG of the per-unit reconstruction loss along depth (oscillation).",
 )
 @click.option(
     "--stop",
@@ -671,7 +731,9 @@ def _calibrate_rows(r: dict) -> list[tuple]:
 @click.option("--bn-tune", is_flag=True, help="Re-estimate per-channel statistics and refold.")
 @click.option("--bias-tune", is_flag=True, help="Correct the per-channel output shift.")
 @click.option(
-    "--show-units", is_flag=True, help="Print the reconstruction units and exit (no --data)."
+    "--show-units",
+    is_flag=True,
+    help="Print the reconstruction units and exit (no --data, except MRECG's loss capacity).",
 )
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
 @click.option(
@@ -692,7 +754,13 @@ def calibrate(
     bits,
     method,
     granularity,
+    merges,
+    capacity,
+    capacity_iters,
+    capacity_alpha,
     iters,
+    recon_batch,
+    plot,
     stop,
     drop_prob,
     fisher,
@@ -725,6 +793,9 @@ def calibrate(
           --limit 128 --bits w4a4 --method qdrop --metaaug --meta-iters 50 --out r20-meta.qcli
       qcli calibrate builtin:efficientnet_lite0 --method brecq --show-units
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
+          --limit 1024 --bits w2a4 --method qdrop --granularity mrecg --merges 2 \\
+          --plot r20-loss.png --out r20-w2a4.qcli   # MRECG, loss profile as a PNG
+      qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --bit-config bits.json --method adaround --out r20-mixed.qcli   # mixed precision
     """
     from qcli.stages.calibrate import CalibrateConfig, show_units_of
@@ -733,7 +804,17 @@ def calibrate(
     if bit_config is not None:
         _refuse_given(("bits", "keep_fp", "int8_range"), "cannot be given with --bit-config")
     keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
-    settings = {"granularity": granularity, "iters": iters, "stop": stop, "drop_prob": drop_prob}
+    settings = {
+        "granularity": granularity,
+        "iters": iters,
+        "stop": stop,
+        "drop_prob": drop_prob,
+        "batch_size": recon_batch,
+        "merges": merges,
+        "capacity": capacity,
+        "capacity_iters": capacity_iters,
+        "capacity_alpha": capacity_alpha,
+    }
     settings = {k: v for k, v in settings.items() if v is not None}
     if fisher:
         settings["fisher"] = True
@@ -755,6 +836,7 @@ def calibrate(
         bias_tune,
         int8_range,
         bit_config=bit_config,
+        plot=plot,
     )
     if show_units:
         return show_units_of(cfg, granularity, ui)

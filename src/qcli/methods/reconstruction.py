@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcli.errors import UsageError
+from qcli.methods import mrecg
 from qcli.methods.chain import Chain, UnitData, UnitPlan, run_batched, unit_plan
 from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
 from qcli.methods.registry import register_calibration
@@ -87,6 +88,11 @@ class ReconSettings:
     eval_images: int = 256  # images on which the per-unit loss before/after is measured
     cache_dtype: str = "float16"
     seed: int = 0
+    # MRECG (granularity "mrecg", methods/mrecg.py); None: not given (the default applies)
+    merges: int | None = None  # pairs merged (default: mrecg.default_merges)
+    capacity: str | None = None  # "loss" (default) or "data-free"
+    capacity_alpha: float | None = None  # data-free: stride discount α (0.5)
+    capacity_iters: int | None = None  # loss: iterations per unit of the base pass (50)
 
 
 STOPS = ("fixed", "plateau")
@@ -105,13 +111,26 @@ def settings_for(method: str, overrides: dict[str, Any]) -> ReconSettings:
     known = {f.name for f in fields(ReconSettings)}
     given = {k: v for k, v in overrides.items() if k in known and v is not None}
     s = replace(ReconSettings(), **{**PRESETS[method], **given})
+    if s.granularity == "mrecg" and PRESETS[method]["granularity"] == "layer":
+        raise UsageError(
+            f"--granularity mrecg merges blocks: it applies to brecq and qdrop, not {method}"
+        )
     validate(s)
     return s
 
 
+MRECG_SETTINGS = ("merges", "capacity", "capacity_alpha", "capacity_iters")
+
+
+def base_granularity(s: ReconSettings) -> str:
+    """The partition a plan starts from: MRECG merges blocks."""
+    return "block" if s.granularity == "mrecg" else s.granularity
+
+
 def validate(s: ReconSettings) -> None:
-    if s.granularity not in GRANULARITIES:
-        raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}")
+    if s.granularity not in (*GRANULARITIES, "mrecg"):
+        raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}, mrecg")
+    _validate_mrecg(s)
     if s.iters < 1:
         raise UsageError(f"--iters must be at least 1, got {s.iters}")
     if not 0 <= s.drop_prob <= 1:
@@ -126,6 +145,30 @@ def validate(s: ReconSettings) -> None:
         raise UsageError("the plateau window and patience must be at least 1, the tolerance >= 0")
     if s.fisher and s.granularity == "layer":
         raise UsageError("--fisher needs --granularity block or stage")
+    if s.batch_size < 1:
+        raise UsageError(f"--recon-batch must be at least 1, got {s.batch_size}")
+
+
+def _validate_mrecg(s: ReconSettings) -> None:
+    given = [k for k in MRECG_SETTINGS if getattr(s, k) is not None]
+    if s.granularity != "mrecg":
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag} applies to --granularity mrecg only")
+        return
+    if s.capacity is not None and s.capacity not in mrecg.CAPACITIES:
+        raise UsageError(f"--capacity must be one of {', '.join(mrecg.CAPACITIES)}")
+    capacity = s.capacity or mrecg.DEFAULT_CAPACITY
+    if s.capacity_alpha is not None and capacity != "data-free":
+        raise UsageError("--capacity-alpha applies to --capacity data-free only")
+    if s.capacity_iters is not None and capacity != "loss":
+        raise UsageError("--capacity-iters applies to --capacity loss only")
+    if s.merges is not None and s.merges < 0:
+        raise UsageError(f"--merges must be >= 0, got {s.merges}")
+    if s.capacity_alpha is not None and not 0 < s.capacity_alpha <= 1:
+        raise UsageError(f"--capacity-alpha must be within (0, 1], got {s.capacity_alpha}")
+    if s.capacity_iters is not None and s.capacity_iters < 1:
+        raise UsageError(f"--capacity-iters must be at least 1, got {s.capacity_iters}")
 
 
 # -------------------------------------------------------------------------------- losses
@@ -494,9 +537,10 @@ def _fisher(chain: Chain, rest: UnitPlan, fp_logits: Tensor) -> Tensor:
 
 def total_steps(qg: QuantGraph, method: str, overrides: dict[str, Any], images: int) -> int:
     """The progress total: iterations weighted by each unit's cost (`unit_cost`), so the time
-    left that the bar estimates holds across units of very different sizes."""
+    left that the bar estimates holds across units of very different sizes (MRECG's merged
+    plan costs what the block plan does, plus the loss-capacity base pass)."""
     s = within_budget(qg, settings_for(method, overrides), images)
-    return s.iters * plan_cost(qg, unit_plan(qg, s.granularity))
+    return (s.iters + _base_pass_iters(s)) * plan_cost(qg, unit_plan(qg, base_granularity(s)))
 
 
 def within_budget(
@@ -505,10 +549,74 @@ def within_budget(
     """The settings with `iters` lowered to fit `budget` (at least 10 steps a unit)."""
     if not s.budget:
         return s
-    plan = plan if plan is not None else unit_plan(qg, s.granularity)
+    plan = plan if plan is not None else unit_plan(qg, base_granularity(s))
     per_step = plan_cost(qg, plan) * 1e3 * min(s.batch_size, images)
     fit = int(s.budget * 1e9 / per_step)
     return replace(s, iters=max(min(s.iters, fit), 10))
+
+
+def _capacity(s: ReconSettings) -> str:
+    return s.capacity or mrecg.DEFAULT_CAPACITY
+
+
+def _base_pass_iters(s: ReconSettings) -> int:
+    """Iterations per unit of MRECG's loss-capacity base pass (0: none)."""
+    if s.granularity != "mrecg" or _capacity(s) != "loss":
+        return 0
+    return min(s.capacity_iters or mrecg.CAPACITY_ITERS, s.iters)
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """The plan a run reconstructs, and for MRECG the decision behind it and the base pass's
+    per-unit results (loss capacity only)."""
+
+    plan: UnitPlan
+    decision: mrecg.Decision | None = None
+    base: tuple[UnitResult, ...] = ()
+
+
+def choose_plan(
+    qg: QuantGraph, s: ReconSettings, images: Tensor | None, progress: Progress | None = None
+) -> PlanChoice:
+    """The granularity's plan; for MRECG the block plan with the chosen merges. The loss
+    capacity runs the method for `capacity_iters` per unit on a copy of the range-initialized
+    graph, so it needs the calibration images."""
+    if s.granularity != "mrecg":
+        return PlanChoice(unit_plan(qg, s.granularity))
+    if _capacity(s) == "data-free":
+        plan, d = mrecg.data_free_decision(qg, s.merges, s.capacity_alpha or mrecg.ALPHA)
+        return PlanChoice(plan, d)
+    if images is None:
+        raise UsageError(
+            "--capacity loss ranks units by a short reconstruction on the calibration images: "
+            "give --data, or use --capacity data-free"
+        )
+    base: list[UnitResult] = []
+
+    def base_pass(copy: QuantGraph, plan: UnitPlan, iters: int) -> list[float]:
+        base.extend(reconstruct(copy, images, replace(s, iters=iters), progress, plan))
+        return [r.loss_after for r in base]
+
+    plan, d = mrecg.loss_decision(qg, s.merges, _base_pass_iters(s), base_pass)
+    return PlanChoice(plan, d, tuple(base))
+
+
+def oscillation_report(
+    qg: QuantGraph, choice: PlanChoice, results: list[UnitResult]
+) -> dict[str, Any]:
+    """The per-unit loss along depth (see `mrecg.oscillation`) of the run, of the same units
+    before they were tuned, and of MRECG's base pass when one ran; `axis` names the depth
+    positions (MRECG: the blocks, a merged unit sits at its last block)."""
+    axis = list(choice.decision.units) if choice.decision else [r.name for r in results]
+    profiles = {
+        "reconstructed": mrecg.profile(results, choice.decision),
+        "before reconstruction": mrecg.profile(results, choice.decision, "loss_before"),
+    }
+    if choice.base:
+        iters = choice.decision.capacity_iters if choice.decision else None
+        profiles[f"block base pass ({iters} iters/unit)"] = mrecg.profile(choice.base, None)
+    return {"definition": mrecg.OSCILLATION, "axis": axis, "profiles": profiles}
 
 
 def plan_cost(qg: QuantGraph, plan: UnitPlan) -> int:
@@ -532,23 +640,38 @@ def _method(name: str):
     def run(qg: QuantGraph, batches: Iterable[Tensor], settings=None, progress=None) -> dict:
         images = torch.cat(list(batches))
         s = within_budget(qg, settings_for(name, settings or {}), images.shape[0])
-        set_weight_ranges(qg, s.range_method)
-        set_activation_ranges(qg, images.split(s.batch_size), s.range_method)
+        init_ranges(qg, images, s)
+        choice = choose_plan(qg, s, images, progress)
         meta = _metaaug(qg, images, s, settings or {}, progress)
         seams = Seams(inputs=meta) if meta is not None else Seams()
-        results = reconstruct(qg, images, s, progress, seams=seams)
+        results = reconstruct(qg, images, s, progress, choice.plan, seams=seams)
         widened = fit_bias_grids(qg)
+        recon: dict[str, Any] = {"settings": asdict(s), "units": [asdict(r) for r in results]}
+        if choice.decision is not None:
+            recon["mrecg"] = choice.decision.to_dict()
+        recon["oscillation"] = oscillation_report(qg, choice, results)
+        recon["peak_rss_mb"] = round(peak_rss_mb(), 1)
         return {
             "images": images.shape[0],
-            "reconstruction": {
-                "settings": asdict(s),
-                "units": [asdict(r) for r in results],
-            },
+            "reconstruction": recon,
             "bias_grid_channels_widened": widened,
             **({"metaaug": meta.report()} if meta is not None else {}),
         }
 
     return run
+
+
+def init_ranges(qg: QuantGraph, images: Tensor, s: ReconSettings) -> None:
+    """The starting point every unit is tuned from: weight and activation ranges."""
+    set_weight_ranges(qg, s.range_method)
+    set_activation_ranges(qg, images.split(s.batch_size), s.range_method)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _metaaug(qg: QuantGraph, images: Tensor, s: ReconSettings, settings: dict, progress):

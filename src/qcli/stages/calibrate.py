@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from qcli.artifacts import prepare_output
+from qcli.artifacts.atomic import check_output_path
+from qcli.artifacts.plot import write_loss_plot
 from qcli.errors import UsageError
 from qcli.methods.chain import float_twin
 from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
@@ -49,6 +51,7 @@ class CalibrateConfig:
     int8_range: str = "safe"  # 'full': the whole int8 weight grid, exact only where VNNI/ARM
     plan: QuantPlan | None = None  # a whole plan; then bits/keep_fp/int8_range unused
     bit_config: Path | None = None  # a bits.json (allocate-bits) holding the plan
+    plot: Path | None = None  # PNG of the per-unit reconstruction loss along depth
 
     def quant_plan(self) -> QuantPlan:
         """The one plan capture receives: the given one, bits.json's, else the flags'."""
@@ -73,6 +76,11 @@ SETTING_FLAGS = {
     "meta_weights": "--meta-weights",
     "meta_margin": "--meta-margin",
     "meta_lr": "--meta-lr",
+    "batch_size": "--recon-batch",
+    "merges": "--merges",
+    "capacity": "--capacity",
+    "capacity_alpha": "--capacity-alpha",
+    "capacity_iters": "--capacity-iters",
 }
 
 
@@ -94,12 +102,20 @@ def check_settings(method: str, settings: dict[str, Any]) -> None:
         from qcli.methods.metaaug import meta_settings
 
         meta_settings(settings)  # meta flags need --metaaug; their values are checked
+    from qcli.methods.reconstruction import PRESETS, settings_for
+
+    if method in PRESETS:  # combinations (mrecg with adaround, ...) fail before any work
+        settings_for(method, settings)
 
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     check_settings(cfg.method, cfg.settings)
     plan = cfg.quant_plan()  # a bad bits.json fails before anything is written
     inputs = {**cfg.data.input_files(), **cfg.model.input_files(), "--bit-config": cfg.bit_config}
+    if cfg.plot is not None:
+        if "iters" not in CALIBRATION_METHODS[cfg.method].settings:
+            raise UsageError(f"--plot shows reconstruction losses; --method {cfg.method} has none")
+        check_output_path(cfg.plot, "--plot", {**inputs, "--out": cfg.out})
     prepare_output(cfg.out, cfg.force, inputs=inputs)
     torch.manual_seed(cfg.seed)
     loaded = cfg.model.load(ui)
@@ -117,6 +133,8 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     reference = float_twin(qg) if tune else None
     batches = images.split(bs) if images is not None else image_batches(ds, bs)
     metrics = run_method(qg, cfg.method, batches, len(ds), settings, ui)
+    if "mrecg" in metrics.get("reconstruction", {}):
+        _decision_table(metrics["reconstruction"]["mrecg"], ui)
     if narrowed_layers(qg):
         probe = (
             images if images is not None else next(image_batches(ds, WidenSettings.probe_images))
@@ -126,6 +144,9 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     if images is not None:
         metrics["tuning"] = run_tuning(qg, reference, images, cfg, ui)
     _unit_table(metrics, ui)
+    if cfg.plot is not None:
+        write_loss_plot(cfg.plot, metrics["reconstruction"]["oscillation"], _plot_title(cfg, qg))
+        metrics["plot"] = str(cfg.plot)
     skipped = report_skipped(ds, ui)
     qg.to("cpu")
     extra = {
@@ -203,20 +224,65 @@ def run_tuning(
 
 
 def show_units_of(cfg: CalibrateConfig, granularity: str | None, ui: UI) -> dict[str, Any]:
-    """The units a reconstruction method would tune, without tuning anything."""
-    from qcli.methods.reconstruction import PRESETS, describe_units
+    """The units a reconstruction method would tune, without tuning anything (MRECG with the
+    loss capacity runs its short base pass, so it needs --data)."""
+    from qcli.methods import reconstruction as R
 
+    check_settings(cfg.method, cfg.settings)
+    recon = cfg.method in R.PRESETS
+    s = R.settings_for(cfg.method, {"seed": cfg.seed, **cfg.settings}) if recon else None
     loaded = cfg.model.load(ui)
     require_python_module(loaded, "reconstruct")
     qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.quant_plan())
-    g = granularity or PRESETS.get(cfg.method, {}).get("granularity", "block")
-    units = describe_units(qg, g)
+    g = granularity or R.PRESETS.get(cfg.method, {}).get("granularity", "block")
+    if s is None or g != "mrecg":
+        units = R.describe_units(qg, g)
+        _units_table(f"{g} units of {loaded.name}", units, ui)
+        return {"model": loaded.name, "granularity": g, "units": units}
+    images = None
+    if s.capacity != "data-free" and cfg.data is not None:
+        qg.to(device())
+        ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
+        images = torch.cat(list(image_batches(ds, cfg.data.batch_size)))
+        R.init_ranges(qg, images, s)
+    with ui.task("MRECG: choose the merges", total=None):
+        choice = R.choose_plan(qg, s, images)
+    units = R.describe_units(qg, choice.plan)
+    _units_table(f"mrecg units of {loaded.name}", units, ui)
+    decision = choice.decision.to_dict()
+    _decision_table(decision, ui)
+    return {"model": loaded.name, "granularity": g, "units": units, "mrecg": decision}
+
+
+def _units_table(title: str, units: list[dict[str, Any]], ui: UI) -> None:
     rows = [
         (i, u["unit"], u["layers"], "x".join(map(str, u["output"] or [])))
         for i, u in enumerate(units)
     ]
-    ui.table(f"{g} units of {loaded.name}", ["#", "unit", "layers", "output"], rows)
-    return {"model": loaded.name, "granularity": g, "units": units}
+    ui.table(title, ["#", "unit", "layers", "output"], rows)
+
+
+def _decision_table(d: dict[str, Any], ui: UI) -> None:
+    """Every block with its capacity value and the gap to the next one, merges marked."""
+    group_of = {i: "+".join(map(str, g)) for g in d["groups"] for i in g}
+    value = "ModCap" if d["capacity"] == "data-free" else "base loss"
+    rows = [
+        (
+            i,
+            name,
+            f"{d['values'][i]:.6g}",
+            f"{d['gaps'][i]:.6g}" if i < len(d["gaps"]) else "",
+            group_of.get(i, ""),
+        )
+        for i, name in enumerate(d["units"])
+    ]
+    title = f"MRECG {d['capacity']} capacity: {d['merges']} merges of the largest gaps"
+    ui.table(title, ["#", "block", value, "gap to next", "merged"], rows)
+
+
+def _plot_title(cfg: CalibrateConfig, qg: QuantGraph) -> str:
+    g = cfg.settings.get("granularity", "")
+    return f"{cfg.model.spec} {qg.base_plan.describe()} {cfg.method} {g}".strip()
 
 
 def _unit_table(metrics: dict[str, Any], ui: UI) -> None:

@@ -51,6 +51,7 @@ class QuantizeConfig:
     latency: bool = True
     iters: int | None = None  # reconstruction iterations per unit; a ceiling under "plateau"
     stop: str | None = None  # reconstruction effort mode (None: see `method_settings`)
+    granularity: str | None = None  # reconstruction unit, e.g. "mrecg" (None: the method's)
     # BN tuning on at every width: on effl0 it lifts W8A8 too (real data 87.75 -> 89.00,
     # benchmarks/ptq.md; data-free 87.875 -> 88.125 over two seeds), r20 W8A8 80.97 -> 81.05.
     bn_tune: bool = True
@@ -82,7 +83,8 @@ ONE_SHOT_EFFORT: dict[str, Any] = {"iters": 500, "budget": 80.0}
 def method_settings(method: str, cfg: QuantizeConfig) -> dict[str, Any]:
     """The calibration settings `quantize` passes on: the user's, over the one-shot effort
     where the method reconstructs (a flag the method does not read stays, to be refused)."""
-    given = {k: v for k, v in (("iters", cfg.iters), ("stop", cfg.stop)) if v is not None}
+    pairs = (("iters", cfg.iters), ("stop", cfg.stop), ("granularity", cfg.granularity))
+    given = {k: v for k, v in pairs if v is not None}
     if cfg.metaaug:
         given["metaaug"] = True
     check_settings(method, {})  # an unknown method is named before its settings are looked up
