@@ -293,10 +293,8 @@ def reconstruct_unit(
     try:
         with dropping(acts, s.drop_prob, drops):
             if params:
-                data = UnitData(xq, xf, y) if xf is not None else UnitData(xq, xq, y)
-                mixed = xf is not None
                 steps = _optimize(
-                    module, groups, roundings, data, mixed, fisher, s, generator, progress,
+                    module, groups, roundings, xq, xf, y, fisher, s, generator, progress,
                     loss, wrap,
                 )  # fmt: skip
             elif progress:
@@ -312,15 +310,14 @@ def reconstruct_unit(
 
 
 def _optimize(
-    module, groups, roundings, data, mixed, fisher, s, generator, progress, loss, wrap
+    module, groups, roundings, xq, xf, y, fisher, s, generator, progress, loss, wrap
 ) -> int:
     """Run the unit's optimization; returns the number of steps taken."""
     device = next(module.parameters()).device
     opt = torch.optim.Adam(groups)
     layers, acts = _unit_parts(module)
-    xq, xf, y = data.xq, data.xf, data.y
     n = xq.shape[0]
-    mask_gen = _mask_generator(generator, device) if s.drop_prob > 0 and mixed else None
+    mask_gen = _mask_generator(generator, device) if s.drop_prob > 0 and xf is not None else None
 
     def step(beta: float | None) -> Tensor:
         idx = torch.randint(n, (min(s.batch_size, n),), generator=generator)
