@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true", help="join <suite>-*.json files")
     parser.add_argument("--epochs", type=int, help="qat: epochs of every row [10; quick: 1]")
     parser.add_argument("--seeds", help="qat: seeds of the 10%% coreset rows [0,1,2; quick: 0]")
+    parser.add_argument("--interval", type=int, help="qat: epochs between coreset choices [E//5]")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.models = tuple(args.models.split(",")) if args.models else None
     ctx.epochs = args.epochs
     ctx.seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    ctx.interval = args.interval
     ctx.env = common.environment()
     common.prune_cache(ctx.cache)
     for name in names:

@@ -122,6 +122,7 @@ class Context:
     models: tuple[str, ...] | None = None  # run only these benchmark models
     epochs: int | None = None  # qat: epochs per row (None: the suite's default)
     seeds: tuple[int, ...] | None = None  # qat: seeds of the multi-seed rows
+    interval: int | None = None  # qat: epochs between coreset selections (None: E // 5)
 
     @property
     def cache(self) -> Path:

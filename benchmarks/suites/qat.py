@@ -89,7 +89,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "models": {},
         "epochs": epochs,
         "seeds": list(seeds),
-        "interval": _interval(epochs),
+        "interval": ctx.interval or _interval(epochs),
         "start_method": START,
     }
     for b in benches(ctx, ["r20"]):
@@ -123,7 +123,7 @@ def _bits(ctx, b: Bench, bits: str, epochs: int, seeds, out, m) -> dict[str, Any
     if bits == "w4a4":
         plan.append((DDP_ROW, seeds[0]))
     for row, seed in plan:
-        result = _train(ctx, b, start.qmodel, bits, row, seed, epochs)
+        result = _train(ctx, b, start.qmodel, bits, row, seed, epochs, out["interval"])
         result["gain_per_hour"] = _gain_per_hour(result.get("top1"), ptq, result)
         cell["rows"].append(result)
         log(
@@ -143,14 +143,14 @@ def _gain_per_hour(top1: float | None, ptq: float | None, r: dict[str, Any]) -> 
 
 
 def _train(
-    ctx: Context, b: Bench, start: Path, bits: str, row: Row, seed: int, epochs: int
+    ctx: Context, b: Bench, start: Path, bits: str, row: Row, seed: int, epochs: int, interval: int
 ) -> dict[str, Any]:
     """Train one row (cached by code and settings), export it and score it in onnxruntime."""
     settings = QATSettings(
         epochs=epochs,
         coreset=row.coreset,
         fraction=row.fraction,
-        interval=_interval(epochs),
+        interval=interval,
         seed=seed,
     )
     key = cache_key(bits=bits, start=START, processes=row.processes, **vars(settings))
