@@ -17,6 +17,7 @@ W4A4 only, 1 epoch, seed 0, random and ACS 10% and the torchrun row.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -236,12 +237,87 @@ def markdown(payload: dict[str, Any]) -> str:
         for bits, cell in m["bits"].items():
             out += ["", f"### {bits}: PTQ start top-1 {fmt(cell['ptq_top1'])}", ""]
             out.append(md_table(_header(), _rows(cell)))
+            out += ["", *_targets(cell, m["fp_top1"], payload["epochs"], payload["interval"])]
             errors = [
                 f"{r['row']} seed {r['seed']}: {r['error']}" for r in cell["rows"] if "error" in r
             ]
             if errors:
                 out += ["", "Failed: " + "; ".join(errors)]
     return "\n".join(out)
+
+
+def _targets(cell: dict[str, Any], fp: float, epochs: int, interval: int) -> list[str]:
+    """The issue's four targets, read off this bit width's rows."""
+    rows = [r for r in cell["rows"] if "error" not in r]
+    ptq = cell["ptq_top1"]
+
+    def pick(coreset: str, fraction: float, processes: int = 1) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in rows
+            if r["coreset"] == coreset
+            and abs(r["fraction"] - fraction) < 1e-9
+            and r.get("processes", 1) == processes
+        ]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    out = ["Targets:"]
+    full, acs, rnd = pick("full", 1.0), pick("acs", 0.1), pick("random", 0.1)
+    if full:
+        f = full[0]
+        out.append(
+            f"- full-data QAT reaches the float model: {f['top1']:.2f} against {fp:.2f}, "
+            f"{verdict(f['top1'] >= fp)}"
+        )
+    if acs and rnd:
+        a, r = statistics.fmean(x["top1"] for x in acs), statistics.fmean(x["top1"] for x in rnd)
+        pairs = {x["seed"]: x["top1"] for x in rnd}
+        per_seed = ", ".join(
+            f"seed {x['seed']} {x['top1'] - pairs[x['seed']]:+.2f}"
+            for x in acs
+            if x["seed"] in pairs
+        )
+        out.append(
+            f"- ACS 10% beats random 10% by at least 1 point: mean {a:.2f} against {r:.2f} "
+            f"({a - r:+.2f} over {len(acs)}/{len(rnd)} seeds; {per_seed}), {verdict(a - r >= 1)}"
+        )
+    if acs and full and ptq is not None:
+        f = full[0]
+        gain = (statistics.fmean(x["top1"] for x in acs) - ptq) / (f["top1"] - ptq)
+        t = statistics.fmean(x["train_s"] + x["score_s"] for x in acs) / f["train_s"]
+        out.append(
+            f"- ACS 10% recovers at least 80% of full-data QAT's gain in at most 25% of its time: "
+            f"{gain:.0%} of the gain in {t:.0%} of the time, {verdict(gain >= 0.8 and t <= 0.25)}"
+        )
+    scored = [x for x in pick("acs", 0.1) + pick("acs", 0.3) if x["score_s"] > 0]
+    if scored and full:
+        passes = math.ceil(epochs / interval)
+        per_pass = statistics.fmean(x["score_s"] for x in scored) / passes
+        epoch = full[0]["train_s"] / epochs
+        out.append(
+            f"- scoring the train set costs at most one epoch of training on it: "
+            f"{per_pass:.1f} s per selection ({passes} per run; the first also scores the float "
+            f"model once) against {epoch:.1f} s per full-data epoch, {verdict(per_pass <= epoch)}"
+        )
+    ddp = pick("acs", 0.1, processes=2)
+    one = [x for x in acs if ddp and x["seed"] == ddp[0]["seed"]]
+    if ddp and one:
+        d = ddp[0]
+        same = "identical on both ranks" if _same_prints(d) else "NOT identical across ranks"
+        out.append(
+            f"- torchrun, 2 processes (ACS 10%, seed {d['seed']}): {d['top1']:.2f} against "
+            f"{one[0]['top1']:.2f} in one process; {d['train_s'] + d['score_s']:.0f} s against "
+            f"{one[0]['train_s'] + one[0]['score_s']:.0f} s; coresets {same}"
+        )
+    return out
+
+
+def _same_prints(row: dict[str, Any]) -> bool:
+    """Whether every selection's coreset hash is the same on all ranks."""
+    prints = row.get("fingerprints") or []
+    return bool(prints) and all(len(set(p)) == 1 for p in prints)
 
 
 def _header() -> list[str]:
