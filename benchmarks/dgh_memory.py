@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/dgh_memory.py [--batch 64] [--iters 3] [--sizes 256 2048]
         [--before /path/to/other/src] [--repeats 1] [--quality-iters 30]
+        [--modes moments compact] [--compact-lrs 0.15]
 
 Each run is a fresh process (peak RSS is per process: `ru_maxrss`), one after the other, on
 the CIFAR ResNet-20 (its trained weights when ../shared/models has them, random otherwise:
-memory does not depend on the weights). `--before SRC` also runs the same rows with that source
-tree first on PYTHONPATH (e.g. main's `src`), for the before/after table. The bound is the
+memory does not depend on the weights). Rows per idle-state mode (`DghSettings.idle_state`):
+"moments" with the default optimizer, "compact" with Adafactor at the first of
+`--compact-lrs`. `--before SRC` also runs the "moments" rows with that source tree first on
+PYTHONPATH (e.g. main's `src`), for the before/after table. The bound is the
 issue's: peak RSS at the smallest N plus the bytes of the largest N's output images
 (float32 [N, C, H, W]). Writes benchmarks/results/dgh_memory.json and benchmarks/dgh_memory.md
 (each through a temporary file and a rename, so a reader never sees half a file).
@@ -28,6 +31,11 @@ REPO = BENCH.parent
 SHARED = Path(os.environ.get("QCLI_SHARED_DATA", REPO.parent / "shared" / "data")).parent
 WEIGHTS = SHARED / "models" / "resnet20_cifar10.th"
 MODEL = "builtin:resnet20_cifar10"
+# The settings each idle-state mode runs with, beyond N, B and the iterations.
+MODES: dict[str, dict] = {
+    "moments": {},
+    "compact": {"idle_state": "compact", "optimizer": "adafactor"},
+}
 
 WORKER = """
 import json, resource, sys, time, torch
@@ -76,16 +84,27 @@ def measure(src: Path, settings: dict, live: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def memory_rows(label: str, src: Path, args: argparse.Namespace, live: bool) -> list[dict]:
+def mode_settings(mode: str, args: argparse.Namespace) -> dict:
+    extra = dict(MODES[mode])
+    if mode == "compact":
+        extra["lr"] = args.compact_lrs[0]
+    return extra
+
+
+def memory_rows(
+    label: str, src: Path, args: argparse.Namespace, live: bool, mode: str
+) -> list[dict]:
     """Peak RSS per N (the smallest of `repeats` runs: noise only ever adds), and the bound."""
     rows = []
     for n in args.sizes:
         settings = {"num_images": n, "batch_size": args.batch, "iters": args.iters}
+        settings |= mode_settings(mode, args)
         runs = [measure(src, settings, live) for _ in range(args.repeats)]
         best = min(runs, key=lambda r: r["peak_rss_mib"])
         rows.append(
             {
                 "code": label,
+                "mode": mode,
                 "allocator": "fixed mmap threshold" if live else "default",
                 "num_images": n,
                 **best,
@@ -100,11 +119,20 @@ def memory_rows(label: str, src: Path, args: argparse.Namespace, live: bool) -> 
     return rows
 
 
-def quality_rows(label: str, src: Path, args: argparse.Namespace) -> list[dict]:
+def quality_rows(label: str, src: Path, args: argparse.Namespace, modes: list[str]) -> list[dict]:
     """The set BN loss reached at the smallest N over several batches: packing idle moments
-    in bfloat16 rounds them, and this is where that would show."""
+    in bfloat16 or idle images in float16 rounds them, and this is where that would show.
+    "moments": RAdam (the default) and Adam at the `quantize` preset's lr; "compact":
+    Adafactor at each of `--compact-lrs`, and at the first one with float32 idle images too
+    ("moments" mode: Adafactor's own state is small), which isolates the float16 storage."""
+    runs = []
+    if "moments" in modes:
+        runs += [("moments", "radam", 16.0), ("moments", "adam", 0.15)]
+    if "compact" in modes:
+        runs.append(("moments", "adafactor", args.compact_lrs[0]))
+        runs += [("compact", "adafactor", lr) for lr in args.compact_lrs]
     rows = []
-    for optimizer, lr in (("radam", 16.0), ("adam", 0.15)):
+    for mode, optimizer, lr in runs:
         settings = {
             "num_images": args.sizes[0],
             "batch_size": args.batch,
@@ -112,7 +140,10 @@ def quality_rows(label: str, src: Path, args: argparse.Namespace) -> list[dict]:
             "optimizer": optimizer,
             "lr": lr,
         }
-        rows.append({"code": label, "settings": settings, **measure(src, settings)})
+        if mode != "moments":
+            settings["idle_state"] = mode
+        row = {"code": label, "mode": mode, "settings": settings, **measure(src, settings)}
+        rows.append(row)
     return rows
 
 
@@ -126,6 +157,7 @@ def markdown(payload: dict) -> str:
         f"- {payload['model']} ({payload['weights']} weights), batch {payload['batch_size']}, "
         f"{payload['iters']} iterations, each run a fresh process; peak RSS is `ru_maxrss`, "
         f"the smallest of {payload['repeats']} run(s)",
+        *([f"- note: {payload['note']}"] if payload.get("note") else []),
         "- allocator 'default': glibc as users run it (freed blocks may stay resident); "
         "'fixed mmap threshold': `MALLOC_MMAP_THRESHOLD_=131072`, so RSS follows what the "
         "code holds",
@@ -134,21 +166,32 @@ def markdown(payload: dict) -> str:
         "",
         "- x images: 'over smallest N' divided by the output bytes of the images added "
         "(N - smallest N). Each image is optimized as float32 with border pixels for the "
-        "random crop (36 x 36 for ResNet-20's 32 x 32: 1.27 x its output bytes), and the "
-        "packed idle state adds its two bfloat16 moments, as much again: 2.53 x is the floor "
-        "of this design, 1.0 x the issue's bound",
+        "random crop (36 x 36 for ResNet-20's 32 x 32: 1.27 x its output bytes). Mode "
+        "'moments' (idle batches keep float32 images and two bfloat16 moments, as much "
+        "again): 2.53 x is its floor. Mode 'compact' (idle batches keep float16 images, "
+        "0.64 x, and Adafactor's factored state, a few floats per image row and column) "
+        "packs them into the output's own memory, which the final images then overwrite: "
+        "the output bytes, 1.0 x, are its floor. 1.0 x is also the issue's bound; the "
+        "smallest N holds its own output",
         "",
-        "| code | allocator | N | peak RSS MiB | over smallest N MiB | x images | image MiB | "
-        "bound MiB | within | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| code | mode | allocator | N | peak RSS MiB | over smallest N MiB | x images | "
+        "image MiB | bound MiB | within | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = payload["rows"]
     for r in rows:
-        first = next(x for x in rows if x["code"] == r["code"] and x["allocator"] == r["allocator"])
+        mode = r.get("mode", "moments")
+        first = next(
+            x
+            for x in rows
+            if (x["code"], x.get("mode", "moments"), x["allocator"])
+            == (r["code"], mode, r["allocator"])
+        )
         added = r["image_bytes"] - first["image_bytes"]
         ratio = f"{r['over_smallest_mib'] * 2**20 / added:.2f}" if added else "-"
         out.append(
-            f"| {r['code']} | {r['allocator']} | {r['num_images']} | {r['peak_rss_mib']:.1f} | "
+            f"| {r['code']} | {mode} | {r['allocator']} | {r['num_images']} | "
+            f"{r['peak_rss_mib']:.1f} | "
             f"{r['over_smallest_mib']:.1f} | {ratio} | {r['image_bytes'] / 2**20:.1f} | "
             f"{r['bound_mib']:.1f} | {'yes' if r['within_bound'] else 'no'} | "
             f"{r['seconds']:.1f} |"
@@ -159,13 +202,14 @@ def markdown(payload: dict) -> str:
             f"Set BN loss reached (trained weights if present), N = {payload['sizes'][0]}, "
             f"batch {payload['batch_size']}, {payload['quality_iters']} iterations:",
             "",
-            "| code | optimizer, lr | initial set BN loss | final set BN loss | seconds |",
-            "|---|---|---|---|---|",
+            "| code | mode | optimizer, lr | initial set BN loss | final set BN loss | seconds |",
+            "|---|---|---|---|---|---|",
         ]
         for r in payload["quality"]:
             s = r["settings"]
             out.append(
-                f"| {r['code']} | {s['optimizer']}, {s['lr']} | {r['initial_bn_loss']:.4f} | "
+                f"| {r['code']} | {r.get('mode', 'moments')} | {s['optimizer']}, {s['lr']} | "
+                f"{r['initial_bn_loss']:.4f} | "
                 f"{r['final_bn_loss']:.5f} | {r['seconds']:.1f} |"
             )
     return "\n".join(out) + "\n"
@@ -184,6 +228,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quality-iters", type=int, default=30, help="0: no loss rows")
+    parser.add_argument("--note", default="", help="a line for the .md (e.g. a shared machine)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument(
+        "--compact-lrs",
+        type=float,
+        nargs="+",
+        default=[0.15],
+        help="Adafactor lrs of the compact quality rows; the first also runs the memory rows",
+    )
     parser.add_argument("--before", type=Path, help="another source tree to measure first")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "dgh_memory.json")
     parser.add_argument("--render", type=Path, help="only rewrite the .md from this JSON")
@@ -196,24 +249,36 @@ def main() -> None:
     load0 = [round(x, 2) for x in os.getloadavg()]
     codes = [("before", args.before.resolve())] if args.before is not None else []
     codes.append(("after" if codes else "this", REPO / "src"))
+    runs = [(label, src, mode) for label, src in codes for mode in args.modes]
+    runs = [
+        (label, src, mode) for label, src, mode in runs if label != "before" or mode == "moments"
+    ]
     rows = [
         row
         for live in (False, True)
-        for label, src in codes
-        for row in memory_rows(label, src, args, live)
+        for label, src, mode in runs
+        for row in memory_rows(label, src, args, live, mode)
     ]
     quality = []
     if args.quality_iters:
-        quality = [row for label, src in codes for row in quality_rows(label, src, args)]
+        quality = [
+            row
+            for label, src in codes
+            for row in quality_rows(
+                label, src, args, args.modes if label != "before" else ["moments"]
+            )
+        ]
     payload = {
         "command": "python benchmarks/dgh_memory.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cpu_flags": " ".join(f for f in wanted if f" {f}" in flags),
         "loadavg_start": load0,
+        "note": args.note,
         "model": MODEL,
         "weights": "trained" if WEIGHTS.exists() else "random",
         "batch_size": args.batch,
         "iters": args.iters,
+        "modes": {mode: mode_settings(mode, args) for mode in args.modes},
         "repeats": args.repeats,
         "sizes": args.sizes,
         "quality_iters": args.quality_iters,

@@ -216,6 +216,8 @@ def _no_bn_model(tmp_path: Path) -> Path:
         (["--method", "bns", "--no-augment"], 2, "--no-augment"),
         (["--method", "bns", "--optimizer", "adam"], 2, "--optimizer"),
         (["--method", "noise", "--coarse-share", 0.5], 2, "--coarse-share"),
+        (["--method", "bns", "--idle-state", "compact"], 2, "--idle-state"),
+        (["--idle-state", "compact"], 2, "adafactor"),
         (["--iters", 0], 2, "--iters"),
     ],
 )
@@ -287,3 +289,15 @@ def test_cli_optimizer_and_coarse_share_reach_the_settings(tmp_path: Path, weigh
     assert code == 0, err
     settings = read_dataset(out).manifest["settings"]
     assert settings["optimizer"] == "adam" and settings["coarse_share"] == 0.5
+
+
+def test_cli_idle_state_reaches_the_settings(tmp_path: Path, weights: Path):
+    out = tmp_path / "o"
+    args = ["--num-images", 8, "--batch-size", 4, "--iters", 2, "--lr", 0.15]
+    code, _, err = run(
+        "generate-data", R20, "--weights", weights, *args, "--optimizer", "adafactor",
+        "--idle-state", "compact", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    settings = read_dataset(out).manifest["settings"]
+    assert settings["optimizer"] == "adafactor" and settings["idle_state"] == "compact"

@@ -504,9 +504,18 @@ def quantize(
 )
 @click.option(
     "--optimizer",
-    type=click.Choice(["radam", "adam"]),
-    help="dgh image optimizer: radam (MCT's, with --lr 16) or adam (better on short runs, "
-    "e.g. --iters 50 --lr 0.15, the `quantize` preset).",
+    type=click.Choice(["radam", "adam", "adafactor"]),
+    help="dgh image optimizer: radam (MCT's, with --lr 16), adam (better on short runs, "
+    "e.g. --iters 50 --lr 0.15, the `quantize` preset) or adafactor (no image-sized state; "
+    "what --idle-state compact needs).",
+)
+@click.option(
+    "--idle-state",
+    type=click.Choice(["moments", "compact"]),
+    help="dgh, N > batch: what a batch keeps between its visits. moments (default): float32 "
+    "images and bfloat16 optimizer moments, ~2.5x the output bytes; compact: float16 images "
+    "only, inside the output's memory, ~1x (needs --optimizer adafactor; better on short runs, "
+    "worse at the default iterations).",
 )
 @click.option(
     "--coarse-share",
@@ -551,6 +560,7 @@ def generate_data(
     no_output_loss,
     output_kind,
     optimizer,
+    idle_state,
     coarse_share,
     preview,
     out,
@@ -578,6 +588,7 @@ def generate_data(
         "--no-output-loss": ("output_loss", False) if no_output_loss else None,
         "--output-loss": ("output_kind", output_kind) if output_kind else None,
         "--optimizer": ("optimizer", optimizer) if optimizer else None,
+        "--idle-state": ("idle_state", idle_state) if idle_state else None,
         "--coarse-share": ("coarse_share", coarse_share) if coarse_share is not None else None,
     }
     options = dict(kv for kv in flags.values() if kv is not None)  # the method refuses extras

@@ -45,6 +45,7 @@ FLAGS = {
     "output_loss": "--no-output-loss",
     "output_kind": "--output-loss",
     "optimizer": "--optimizer",
+    "idle_state": "--idle-state",
     "coarse_share": "--coarse-share",
 }
 

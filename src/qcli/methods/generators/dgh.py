@@ -6,7 +6,8 @@ Three parts over `bns`, each with a switch so the ablation can remove it alone:
   per-channel raw moments, refreshed without gradient after each of their steps. Memory for
   activations is bounded by the batch size, whatever N; between their visits the other
   batches keep their optimizer moments packed in bfloat16 (`IdleStore`), so each image
-  costs its float32 (padded) pixels and as much again, not three times as much.
+  costs its float32 (padded) pixels and as much again, not three times as much; with
+  `idle_state="compact"` and Adafactor, only their pixels in float16 (`CompactStore`).
 - `augment`: images carry extra border pixels and each step sees a random flip, a 3x3
   Gaussian smoothing (an image prior) and a random crop, as BN saw augmented training images.
 - `output_loss`: stretch each image's logit range so the layers after the last BN see the
@@ -56,7 +57,12 @@ from qcli.methods.generators.images import (
 from qcli.methods.registry import register_data
 
 OUTPUT_LOSSES = ("minmax", "regularized")
-OPTIMIZERS = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}
+OPTIMIZERS = {
+    "radam": torch.optim.RAdam,
+    "adam": torch.optim.Adam,
+    "adafactor": torch.optim.Adafactor,
+}
+IDLE_STATES = ("moments", "compact")
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,19 @@ class DghSettings:
     # upsampled and refined at full size with fresh optimizer state.
     coarse_share: float = 0.0
     coarse_scale: float = 0.5
+    # What an idle batch (N > B) keeps between its visits. "moments": float32 (padded) images
+    # and the optimizer's image-sized moments in bfloat16 (`IdleStore`), 2.5x the output
+    # bytes per image. "compact": float16 images, stochastically rounded, in the output's own
+    # memory, and small optimizer state only (`CompactStore`; needs optimizer "adafactor": no
+    # first moment, the second factored per image plane): the output bytes, within the
+    # issue's bound (N = 256 plus the images themselves). Not the default: trained ResNet-20,
+    # N 256, B 64, set BN loss after 30 iters 0.0560 (Adafactor lr 0.15; 0.05: 0.085, 0.4:
+    # 0.057; seed 1 and lr 0.25 in tuning runs: 0.057, 0.059; float32 idle images: 0.0562,
+    # so float16 costs nothing) against Adam lr 0.15's 0.0746 (seed 1: 0.0744) and RAdam's
+    # 0.0776, but after the default 200 iters 0.0059 against RAdam's 0.0035: Adafactor's
+    # step is capped at lr_t <= 1/sqrt(t), and long runs keep MCT's RAdam and its moments.
+    # benchmarks/dgh_memory.md has the table.
+    idle_state: str = "moments"
 
     def validate(self) -> None:
         validate_size(self.num_images, self.batch_size)
@@ -110,6 +129,15 @@ class DghSettings:
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(
                 f"the optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.idle_state not in IDLE_STATES:
+            raise UsageError(
+                f"the idle state must be one of {', '.join(IDLE_STATES)}, got {self.idle_state!r}"
+            )
+        if self.idle_state == "compact" and self.optimizer != "adafactor":
+            raise UsageError(
+                "the compact idle state keeps no image-sized optimizer state: it needs "
+                f"optimizer 'adafactor', got {self.optimizer!r}"
             )
         if self.output_kind not in OUTPUT_LOSSES:
             raise UsageError(
@@ -349,6 +377,91 @@ class IdleStore:
         self.packed[b] = pack_state(state, images, out)
 
 
+IMAGE_DTYPE = torch.float16
+
+
+def round_stochastic(x: Tensor, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
+    """float32 `x` in IMAGE_DTYPE, each value rounded to one of its two neighbours at random,
+    the nearer the likelier (P = 1 - distance / gap), in `x`'s layout or written into `out`.
+
+    Unbiased, so steps smaller than half a float16 gap (2^-11 relative) still move an image
+    on average instead of being rounded away at every visit; a value float16 holds exactly
+    is kept whatever the draw, so packing what was unpacked gives the same bits back. The
+    draws come from `generator`, so a seed still fixes the run. How: float16 keeps 13 fewer
+    mantissa bits than float32, so a uniform integer below 2^13 is added to the float32 bits
+    and those 13 bits are cut (towards zero), which leaves a float16 value. Temporaries are
+    one int32 and one float16 tensor as large as `x`: a batch's worth. Pixel values in
+    normalized space are far inside float16's range; below its smallest normal (6.1e-5) the
+    cut keeps more bits than float16 has and the last step rounds to nearest.
+    """
+    if x.dtype != torch.float32:
+        raise ValueError(f"round_stochastic takes float32, got {x.dtype}")
+    bits = torch.empty_like(x, dtype=torch.int32).random_(0, 1 << 13, generator=generator)
+    bits.add_(x.view(torch.int32)).bitwise_and_(~((1 << 13) - 1))
+    if out is None:
+        return bits.view(torch.float32).to(IMAGE_DTYPE)
+    return out.copy_(bits.view(torch.float32))  # exact: the cut left float16 values
+
+
+class CompactStore:
+    """Idle batches of one phase as float16 images (`round_stochastic`), in one buffer, with
+    small optimizer state only.
+
+    `rest(b, batch)` packs the images into batch b's rows of the buffer (`batch.packed`, in
+    the images' layout) and empties the float32 parameter (the same tensor object, so the
+    optimizer's state stays keyed to it); `wake(batch)` gives the float32 images back.
+
+    The buffer is allocated once and rewritten in place, so the allocator has no holes to
+    keep resident. Given `output` (the run's float32 result, on the same device), the buffer
+    is the output's own memory: a padded float16 image is smaller than a float32 output
+    image (36 x 36 x 2 against 32 x 32 x 4 bytes on CIFAR), so when the final views are
+    written last batch first (`_final_views(reverse=True)`), each one lands only on rows
+    already read. The output then costs nothing on top of the idle images: its pages are
+    those the packed images touched, and the rest fill at the end, whatever the allocator.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        shape: tuple[int, int, int],
+        layout: torch.memory_format,
+        generator: torch.Generator,
+        output: Tensor | None = None,
+    ) -> None:
+        self.generator = generator
+        per = math.prod(shape)
+        total = sum(sizes) * per
+        device = generator.device
+        flat: Tensor
+        if output is not None and output.device == device and 2 * output.numel() >= total:
+            flat = output.view(-1).view(IMAGE_DTYPE)[:total]
+        else:
+            flat = torch.empty(total, dtype=IMAGE_DTYPE, device=device)
+        self.in_output = output is not None and flat.data_ptr() == output.data_ptr()
+        c, h, w = shape
+        self.regions: list[Tensor] = []
+        start = 0
+        for n in sizes:
+            rows = flat[start * per : (start + n) * per]
+            if layout == torch.channels_last:
+                self.regions.append(rows.view(n, h, w, c).permute(0, 3, 1, 2))
+            else:
+                self.regions.append(rows.view(n, c, h, w))
+            start += n
+
+    def wake(self, batch: Batch) -> None:
+        if batch.packed is not None:
+            batch.images.data = batch.packed.float()
+            batch.packed = None
+
+    def rest(self, b: int, batch: Batch) -> None:
+        state = batch.optimizer.state.get(batch.images, {})
+        if image_sized_keys(state, batch.images):  # validate() refuses such optimizers
+            raise ValueError("the compact idle state cannot hold image-sized optimizer state")
+        batch.packed = round_stochastic(batch.images.detach(), self.generator, self.regions[b])
+        batch.images.data = batch.images.new_empty(0)  # same tensor, no pixels
+
+
 # ---------------------------------------------------------------- the generator
 
 
@@ -361,13 +474,30 @@ class Batch:
     schedule: PlateauLR
     bn_loss: Tensor | None = None
     out_loss: Tensor | None = None
+    packed: Tensor | None = None  # the images while idle in the compact mode (IMAGE_DTYPE)
+
+    def __len__(self) -> int:
+        return len(self.images if self.packed is None else self.packed)
+
+    def pixels(self) -> Tensor:
+        """The float32 images, without gradient, whether awake or packed."""
+        return self.images.detach() if self.packed is None else self.packed.float()
+
+    def release(self) -> None:
+        """Drop the images (packed or not) and the optimizer state: the batch is done."""
+        self.optimizer.state.clear()
+        self.packed = None
+        self.images.data = self.images.new_empty(0)
 
 
 def new_batch(x: Tensor, settings: DghSettings) -> Batch:
     x = x.requires_grad_()
     lr = torch.tensor(settings.lr, device=x.device)
     cuda = x.device.type == "cuda"
-    optimizer = OPTIMIZERS[settings.optimizer]([x], lr=lr, capturable=cuda, foreach=cuda)
+    options = {"foreach": cuda}
+    if settings.optimizer != "adafactor":  # Adafactor reads its lr on the host each step
+        options["capturable"] = cuda
+    optimizer = OPTIMIZERS[settings.optimizer]([x], lr=lr, **options)
     return Batch(x, optimizer, PlateauLR(lr, settings))
 
 
@@ -441,6 +571,11 @@ def generate_dgh(
     sizes = batch_sizes(settings.num_images, settings.batch_size)
     phases = _phases(settings)
     counter = StepCounter(progress)
+    out_shape = (settings.num_images, len(input_spec.mean), *input_spec.size)
+    rounding = None
+    if settings.idle_state == "compact" and len(sizes) > 1:  # one batch is never idle
+        rounding = torch.Generator(device).manual_seed(settings.seed + (1 << 32))
+        images = torch.empty(out_shape)  # the last phase's CompactStore lives in it
     start = time.perf_counter()
     with (
         frozen_eval(model),
@@ -452,6 +587,11 @@ def generate_dgh(
             spec = scaled(input_spec, scale)
             pipeline = make_pipeline(settings, spec, device, scale)
             padded = replace_size(spec, pipeline.extra).size
+            compact = None
+            if rounding is not None:
+                last = images if i == len(phases) - 1 else None
+                shape = (len(input_spec.mean), *padded)
+                compact = CompactStore(sizes, shape, layout, rounding, last)
             # Lazy: each start is freed once its batch holds it (on the CPU, channels_last
             # is a copy), so the starts never cost a second set of images.
             if i == 0:
@@ -459,17 +599,25 @@ def generate_dgh(
                     init_images(n, replace_size(spec, pipeline.extra), generator) for n in sizes
                 )
             else:  # upsample the coarse images; the optimizer starts afresh at the new size
-                starts = (_resize(b.images.detach(), padded) for b in batches)
-            batches = [new_batch(x.to(device, memory_format=layout), settings) for x in starts]
-            del starts
-            for batch in batches:
+                starts = _upsampled(batches, padded, release=compact is not None)
+            batches = []
+            for b, x in enumerate(starts):  # compact: each batch packed before the next is made
+                batch = new_batch(x.to(device, memory_format=layout), settings)
                 clamp_to_pixels_(batch.images, pipeline.bounds)
+                if compact is not None:
+                    compact.rest(b, batch)
+                batches.append(batch)
+            del starts, x
             run = _make_run(model, hooks, layers, pipeline, settings, batches, rng)
             if i == 0:
                 initial = _set_loss(run, _final_views(run, batches), sizes)
-            _optimize(run, batches, counter, iters)
-        images = torch.empty((settings.num_images, len(input_spec.mean), *input_spec.size))
-        final = _set_loss(run, _final_views(run, batches, images), sizes)
+            _optimize(run, batches, counter, iters, compact)
+        if rounding is None:
+            images = torch.empty(out_shape)
+            final = _set_loss(run, _final_views(run, batches, images), sizes)
+        else:  # last batch first: the packed images may live in `images` (CompactStore)
+            views = _final_views(run, batches, images, reverse=True)
+            final = _set_loss(run, views, sizes[::-1])
     metrics = {
         "initial_bn_loss": initial,
         "final_bn_loss": final,
@@ -500,6 +648,15 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def _upsampled(batches: Sequence[Batch], size: tuple[int, int], release: bool) -> Iterator[Tensor]:
+    """Each batch's images resized; with `release`, each batch dropped once resized."""
+    for batch in batches:
+        x = _resize(batch.pixels(), size)
+        if release:
+            batch.release()
+        yield x
+
+
 def replace_size(input_spec: InputSpecLike, extra: int) -> InputSpecLike:
     """The input spec of images stored with `extra` more pixels in each dimension."""
     h, w = input_spec.size
@@ -516,7 +673,7 @@ def _make_run(
     rng: random.Random,
 ) -> Run:
     device = batches[0].images.device
-    sizes = [len(b.images) for b in batches]
+    sizes = [len(b) for b in batches]
     head = None
     if settings.output_loss and settings.output_kind == "regularized":
         head = LastLayerInput(model)
@@ -526,14 +683,21 @@ def _make_run(
     return run
 
 
-def _optimize(run: Run, batches: Sequence[Batch], counter: StepCounter, iters: int) -> None:
+def _optimize(
+    run: Run,
+    batches: Sequence[Batch],
+    counter: StepCounter,
+    iters: int,
+    compact: CompactStore | None = None,
+) -> None:
     """MCT's order: every iteration visits the batches in a fresh random order.
 
-    With several batches, each one's optimizer state is packed between its visits
-    (`IdleStore`), so only the batch being optimized holds float32 moments; the packed state
-    is freed when this returns (the end of a phase).
+    With several batches, each one rests between its visits: by default its optimizer state
+    is packed (`IdleStore`), so only the batch being optimized holds float32 moments, and
+    the packed state is freed when this returns (the end of a phase); with `compact`, its
+    images are (`CompactStore`), already packed on entry and still packed on return.
     """
-    store = IdleStore(batches) if len(batches) > 1 else None
+    store = IdleStore(batches) if len(batches) > 1 and compact is None else None
     try:
         for _ in range(iters):
             order = list(range(len(batches)))
@@ -541,9 +705,13 @@ def _optimize(run: Run, batches: Sequence[Batch], counter: StepCounter, iters: i
             for b in order:
                 if store is not None:
                     store.wake(b)
+                if compact is not None:
+                    compact.wake(batches[b])
                 run.step(b, batches[b])
                 if store is not None:
                     store.rest(b)
+                if compact is not None:
+                    compact.rest(b, batches[b])
                 counter.step()
     finally:
         if run.head is not None:
@@ -552,16 +720,24 @@ def _optimize(run: Run, batches: Sequence[Batch], counter: StepCounter, iters: i
 
 
 @torch.no_grad()
-def _final_views(run: Run, batches: Sequence[Batch], out: Tensor | None = None) -> Iterator[Tensor]:
-    """Each batch's final view; with `out`, also copied there and the batch's optimizer state
-    dropped, so the end of a run adds only the output itself to memory."""
-    start = 0
+def _final_views(
+    run: Run, batches: Sequence[Batch], out: Tensor | None = None, reverse: bool = False
+) -> Iterator[Tensor]:
+    """Each batch's final view (the last batch first with `reverse`); with `out`, also copied
+    there and the batch's optimizer state dropped, so the end of a run adds only the output
+    itself to memory (a packed batch is dropped whole, after its view is made)."""
+    starts = [0]
     for batch in batches:
-        view = run.pipeline.final(batch.images.detach())
+        starts.append(starts[-1] + len(batch))
+    order = range(len(batches))
+    for b in reversed(order) if reverse else order:
+        batch = batches[b]
+        view = run.pipeline.final(batch.pixels())
         if out is not None:
+            if batch.packed is not None:
+                batch.release()
             batch.optimizer.state.clear()
-            out[start : start + len(view)] = view
-        start += len(view)
+            out[starts[b] : starts[b + 1]] = view
         yield view
 
 
