@@ -27,8 +27,8 @@ from qcli.methods.qat import QATSettings, Trainer, TrainImages, augment, draw_au
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant import primitives as P
 from qcli.quant.capture import capture
-from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode
-from qcli.quant.spec import BitConfig, weight_spec
+from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode, set_batch_replicas
+from qcli.quant.spec import BitConfig, activation_spec, weight_spec
 from qcli.stages.common import ModelOptions
 from qcli.stages.qat import QATConfig, qat
 from qcli.ui import UI
@@ -99,6 +99,27 @@ def test_learn_mode_scales_the_step_size_gradient_and_keeps_the_forward():
     assert g == pytest.approx(1 / math.sqrt(8 * 7))
     torch.testing.assert_close(g_learn, g_plain * g)
     assert q.mode is QuantMode.QUANTIZE  # the mode is restored
+
+
+def test_learn_mode_step_size_gradient_does_not_depend_on_the_process_count():
+    """DDP averages the slices' gradients: with `batch_replicas` = 2, the mean of the two
+    halves' step-size gradients is the one-process gradient on the whole batch."""
+    q = Quantizer(activation_spec(4))
+    q.set_qparams(torch.tensor(0.1), torch.tensor(3.0))
+    q.scale.requires_grad_(True)
+    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+
+    def grad(batch: torch.Tensor, replicas: int) -> torch.Tensor:
+        set_batch_replicas([q], replicas)
+        with quant_mode([q], QuantMode.LEARN):
+            (g,) = torch.autograd.grad(q(batch).square().mean(), q.scale)
+        return g
+
+    whole = grad(x, 1)
+    halves = (grad(x[:4], 2) + grad(x[4:], 2)) / 2
+    torch.testing.assert_close(halves, whole)
+    unscaled = (grad(x[:4], 1) + grad(x[4:], 1)) / 2  # what the slices gave before
+    assert not torch.allclose(unscaled, whole)
 
 
 def test_crop_flip_augmentation_keeps_shape_and_can_be_the_identity():

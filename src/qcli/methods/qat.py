@@ -34,7 +34,7 @@ from qcli.distributed import Comm
 from qcli.errors import UsageError
 from qcli.methods import coreset as C
 from qcli.quant.capture import QuantGraph
-from qcli.quant.quantizer import QuantMode, quant_mode, set_mode
+from qcli.quant.quantizer import QuantMode, quant_mode, set_batch_replicas, set_mode
 
 OPTIMIZERS = ("sgd", "adam")
 # With BN folded there is no normalization to absorb large steps: on ResNet-20 W4A4 (2,048
@@ -192,6 +192,7 @@ class Trainer:
         for p in teacher.parameters():
             p.requires_grad_(False)
         set_mode(qg.select(), QuantMode.LEARN)
+        set_batch_replicas(qg.select(weights=False), comm.world)
         groups = _param_groups(qg, s.weight_decay)
         if s.optimizer == "sgd":
             self.opt = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, nesterov=True)
@@ -275,6 +276,7 @@ class Trainer:
             if after_epoch is not None:
                 after_epoch(self, stats)
         set_mode(self.qg.select(), QuantMode.QUANTIZE)
+        set_batch_replicas(self.qg.select(weights=False), 1)
         return self.history
 
     def select(self, epoch: int) -> tuple[Tensor, float | None]:

@@ -42,6 +42,10 @@ class Quantizer(nn.Module):
     fused = True  # a class default, so quantizers pickled before it existed still load
     drop_generator: torch.Generator | None = None  # QDrop's masks; set by the run that drops
     mode = QuantMode.QUANTIZE
+    # LEARN on an activation: how many processes' slices make up one step's batch (torchrun).
+    # LSQ's N counts the whole step's elements, so DDP's mean of the slices' step-size
+    # gradients equals one process's gradient on the whole batch, whatever the process count.
+    batch_replicas = 1
 
     def __init__(self, spec: QuantSpec, channels: int | None = None) -> None:
         super().__init__()
@@ -98,10 +102,11 @@ class Quantizer(nn.Module):
         """LSQ: the fused fake-quantizer (straight-through rounding, LSQ's step-size gradient)
         on a step size whose gradient is scaled by g = 1/sqrt(N·Q_P), N the elements sharing
         one step size (per channel for weights; the whole batch for activations, as ACS's
-        code does). In float32 even under autocast: half precision cannot hold x / s exactly
-        enough to round it as export does."""
+        code does, counted over all `batch_replicas` processes' slices). In float32 even
+        under autocast: half precision cannot hold x / s exactly enough to round it as export
+        does."""
         s = self.spec
-        g = P.lsq_gradient_scale(x.numel() // self.scale.numel(), s.qmax)
+        g = P.lsq_gradient_scale(x.numel() * self.batch_replicas // self.scale.numel(), s.qmax)
         scale = P.grad_scale(self.scale, g)
         return P.fake_quantize(x, scale, self.zero_point, s.qmin, s.qmax, self.axis, keep=keep)
 
@@ -131,6 +136,12 @@ def set_mode(quantizers: Iterable[Quantizer], mode: QuantMode) -> None:
     """Put quantizers in a mode for good (a float twin); `quant_mode` for a while."""
     for q in quantizers:
         q.mode = mode
+
+
+def set_batch_replicas(quantizers: Iterable[Quantizer], replicas: int) -> None:
+    """Activation quantizers' `batch_replicas`: the processes sharing each step's batch."""
+    for q in quantizers:
+        q.batch_replicas = replicas
 
 
 @contextlib.contextmanager
