@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         "processes can share the cores, then `--merge` joins them into <suite>.json",
     )
     parser.add_argument("--merge", action="store_true", help="join <suite>-*.json files")
+    parser.add_argument(
+        "--rows",
+        help="ptq: only the rows whose label matches this regex (gap-table rows are named "
+        "'gap: <label>'; the iterations sweep runs only without --rows)",
+    )
+    parser.add_argument(
+        "--tag", help="write <suite>.<tag>.json/.md instead of the suite's own table"
+    )
     parser.add_argument("--epochs", type=int, help="qat: epochs of every row [10; quick: 1]")
     parser.add_argument("--seeds", help="qat: seeds of the 10%% coreset rows [0,1,2; quick: 0]")
     parser.add_argument("--interval", type=int, help="qat: epochs between coreset choices [E//5]")
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx.epochs = args.epochs
     ctx.seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     ctx.interval = args.interval
+    ctx.rows = args.rows
+    ctx.tag = args.tag
     ctx.env = common.environment()
     common.prune_cache(ctx.cache)
     for name in names:
@@ -117,6 +127,8 @@ def _run_suite(ctx, name: str) -> None:
         common.log("warning: files under src/ changed during the run (see src_hash_end)")
     payload = json.loads(json.dumps(payload, default=str))  # what the JSON file holds
     stem = _stem(name, ctx.quick) + (f"-{'-'.join(ctx.models)}" if ctx.models else "")
+    if ctx.tag:  # a subset never overwrites the suite's full table
+        stem = f"{name}.{ctx.tag}"
     common.write_outputs(stem, payload, module.markdown(payload))
     common.log(f"suite {name} done in {payload['wall_s']:.0f} s")
 

@@ -7,10 +7,12 @@ images of imagenet-sample and is evaluated on the other 400.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -100,6 +102,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS count afresh (Linux clear_refs 5), so one cell's peak is
+    its own and not the largest of every cell before it in the same process."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float | None:
+    """Peak RSS since the last reset (VmHWM), in MiB; None where /proc is not Linux's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def cpu_flags() -> list[str]:
     """The integer-kernel flags the brief asks every measurement to name."""
     wanted = {"avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
@@ -123,6 +143,12 @@ class Context:
     epochs: int | None = None  # qat: epochs per row (None: the suite's default)
     seeds: tuple[int, ...] | None = None  # qat: seeds of the multi-seed rows
     interval: int | None = None  # qat: epochs between coreset selections (None: E // 5)
+    rows: str | None = None  # ptq: regex over row labels (gap rows: "gap: <label>")
+    tag: str | None = None  # results go to <suite>.<tag>.json/.md, beside the full table
+
+    def wants(self, label: str) -> bool:
+        """Whether a row runs under `--rows` (every row without it)."""
+        return self.rows is None or re.search(self.rows, label, re.IGNORECASE) is not None
 
     @property
     def cache(self) -> Path:
@@ -320,9 +346,11 @@ def qcli_artifact(
         **tuning,
     )
     la0 = loadavg()
+    reset_peak_rss()
     t = time.perf_counter()
     res = calibrate(cfg, SilentUI())
     info["calibrate_wall_s"] = round(time.perf_counter() - t, 2)
+    info["calibrate_peak_rss_mb"] = peak_rss_mb()
     info["calibrate_s"] = res.get("seconds")
     info["calibrate_loadavg"] = [la0, loadavg()]
     info["calibrate_result"] = res
@@ -514,6 +542,7 @@ def write_partial(ctx: Context, body: dict[str, Any]) -> None:
     """Cells so far, so a run cut short still leaves its numbers (never read back)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "-".join(ctx.models) if ctx.models else "all"
+    tag += f"-{ctx.tag}" if ctx.tag else ""
     (RESULTS / f"partial-{tag}.json").write_text(json.dumps(body, indent=1, default=str))
 
 

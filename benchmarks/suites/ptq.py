@@ -82,6 +82,18 @@ ROWS = [
         {"bn_tune": True, "granularity": "mrecg"},
         only=MRECG_CELLS,
     ),
+    Row(
+        "MRECG+QDrop + BN tuning + MetaAug",
+        "qdrop",
+        {"bn_tune": True, "granularity": "mrecg", "metaaug": True},
+        only=MRECG_CELLS,
+    ),
+    Row(
+        "MRECG+BRECQ + BN tuning + MetaAug",
+        "brecq",
+        {"bn_tune": True, "granularity": "mrecg", "metaaug": True},
+        only=MRECG_CELLS,
+    ),
     Row("QDrop", "qdrop", only={"r20": ("w4a8", "w4a4", "w2a4")}),
     Row("AdaRound", "adaround", only={"r20": ("w4a4", "w2a4"), "effl0": ("w4a8",)}),
     Row("AdaQuant", "adaquant", only={"r20": ("w4a4",)}),
@@ -131,18 +143,18 @@ def run(ctx: Context) -> dict[str, Any]:
         fp = score_fp(ctx, b)
         log(f"ptq {b.key}: FP top-1 {fp.top1:.2f} on {fp.n} images")
         cells = []
-        for row in rows:
+        for row in (r for r in rows if ctx.wants(r.label)):
             for bits in bits_of[b.key]:
                 if row.only is None or bits in row.only.get(b.key, ()):
                     cells.append(_cell(ctx, b, row, bits, fp.top1, _settings(row, b.key)))
                     partial = {"models": {**models, b.key: {"fp": fp.to_dict(), "cells": cells}}}
                     write_partial(ctx, partial)
-        if not ctx.quick and b.key in GAP:
+        if not ctx.quick and b.key in GAP and any(ctx.wants(f"gap: {r.label}") for r in GAP_ROWS):
             models[b.key + "_gap"] = _gap(ctx, b)
         if not ctx.quick:
             _oscillation_plots(b.key, cells)
         sweep = QUICK_SWEEP if ctx.quick else SWEEP
-        if sweep["model"] == b.key:
+        if sweep["model"] == b.key and ctx.rows is None:
             models[b.key + "_sweep"] = _sweep(ctx, b, sweep, fp.top1)
         models[b.key] = {
             "model": b.model.spec,
@@ -167,7 +179,7 @@ def _gap(ctx: Context, b) -> dict[str, Any]:
     on_calib.eval_desc = f"the {n} calibration images"
     cells = []
     for bits in GAP[b.key]["bits"]:
-        for row in GAP_ROWS:
+        for row in (r for r in GAP_ROWS if ctx.wants(f"gap: {r.label}")):
             settings = _settings(row, b.key)
             art = qcli_artifact(ctx, small, row.method, bits, settings)
             cell = {"row": row.label, "bits": bits, "settings": settings, "info": art.info}
@@ -208,6 +220,7 @@ def _cell(
         "cached": art.info.get("cached"),
         "export_check": art.info.get("export", {}).get("check"),
         "export_error": art.info.get("export_error"),
+        "calibrate_peak_rss_mb": art.info.get("calibrate_peak_rss_mb"),
     }
     cell.update(_recon_stats(art.info.get("calibrate_result", {})))
     sim = score_sim(ctx, b, art.qmodel)
@@ -329,6 +342,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     c.get("calibrate_wall_s") or c["calibrate_s"],
                     fmt(la[0][0], 1),
                     c.get("cache_mb", "—"),
+                    c.get("calibrate_peak_rss_mb") or "—",
                     _osc(c),
                     _merged(c),
                     c["export_error"] or "",
@@ -347,6 +361,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     "calibration s",
                     "load avg",
                     "cache MB",
+                    "peak RSS MB",
                     "oscillation",
                     "MRECG merged",
                     "note",
