@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 from pathlib import Path
@@ -22,7 +23,13 @@ from qcli.methods.generators.bn_stats import (
     bn_targets,
     set_moments,
 )
-from qcli.methods.generators.dgh import DghSettings, PlateauLR, generate_dgh, make_pipeline
+from qcli.methods.generators.dgh import (
+    CosineLR,
+    DghSettings,
+    PlateauLR,
+    generate_dgh,
+    make_pipeline,
+)
 from qcli.methods.generators.images import pixel_bounds
 from qcli.methods.registry import DATA_METHODS
 from qcli.stages.quantize import QuantizeConfig
@@ -97,6 +104,31 @@ def test_no_aggregate_matches_per_batch_statistics():
     d, md = generate_dgh(net, SPEC, DghSettings(**two, aggregate=False))
     assert not torch.equal(c, d)
     assert mc["final_step_bn_loss"] != md["final_step_bn_loss"]
+
+
+def test_zoom_and_color_shift_change_the_train_view_but_not_the_final_one():
+    cpu = torch.device("cpu")
+    plain = make_pipeline(DghSettings(), SPEC, cpu)
+    zoom = make_pipeline(DghSettings(zoom=0.5), SPEC, cpu)
+    color = make_pipeline(DghSettings(color_shift=0.3), SPEC, cpu)
+    x = torch.randn(2, 3, 16 + plain.extra, 16 + plain.extra).clamp(-1, 1)
+    views = [p.train(x, random.Random(3)) for p in (plain, zoom, color)]
+    assert all(v.shape == (2, 3, 16, 16) for v in views)
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])
+    # a flat image stays flat under zoom; a colour shift moves each channel by one affine map
+    flat = torch.full((1, 3, 18, 18), 0.25)
+    assert torch.allclose(zoom.train(flat, random.Random(1)), torch.full((1, 3, 16, 16), 0.25))
+    ramp = torch.linspace(-1, 1, 18).expand(1, 3, 18, 18)
+    base, shifted = plain.train(ramp, random.Random(1)), color.train(ramp, random.Random(1))
+    p, q = base.flatten(2)[0], shifted.flatten(2)[0]  # [C, pixels]; same flip and crop drawn
+    pc, qc = p - p.mean(1, keepdim=True), q - q.mean(1, keepdim=True)
+    gain = (pc * qc).sum(1, keepdim=True) / pc.square().sum(1, keepdim=True)
+    assert torch.allclose(qc, gain * pc, atol=1e-5)  # one affine map per channel ...
+    assert not torch.allclose(gain, torch.ones_like(gain))  # ... that is not the identity
+    for p in (zoom, color):
+        assert torch.equal(p.final(x), plain.final(x))
+    with pytest.raises(UsageError, match="zoom"):
+        generate_dgh(_tiny_net(), SPEC, dataclasses.replace(FAST, zoom=1.0))
 
 
 def test_no_augment_makes_the_pipeline_the_identity():
@@ -242,6 +274,29 @@ def test_cli_unwritable_output_and_model_without_bn(tmp_path: Path, weights: Pat
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
+def test_cosine_schedule_falls_monotonically_from_lr_to_min_lr_whatever_the_loss():
+    lr = torch.tensor(0.4)
+    schedule = CosineLR(lr, DghSettings(min_lr=0.01), steps=8)
+    seen = []
+    for loss in (1.0, 2.0, 0.5, 3.0, 0.1, 0.1, 9.0, 0.1, 0.1):  # one past the end
+        schedule.step(torch.tensor(loss))
+        seen.append(float(lr))
+    assert seen[3] == pytest.approx(0.01 + 0.39 * 0.5)  # half way: the mean of the two ends
+    assert all(a > b for a, b in itertools.pairwise(seen[:8]))
+    assert seen[7] == pytest.approx(0.01) and seen[8] == pytest.approx(0.01)
+
+
+def test_cosine_schedule_runs_per_phase_and_differs_from_plateau():
+    net = _tiny_net()
+    cos = dataclasses.replace(FAST, optimizer="adam", lr=0.2, schedule="cosine")
+    a, metrics = generate_dgh(net, SPEC, cos)
+    b, _ = generate_dgh(net, SPEC, dataclasses.replace(cos, schedule="plateau"))
+    assert not torch.equal(a, b)
+    assert metrics["final_bn_loss"] < metrics["initial_bn_loss"]
+    with pytest.raises(UsageError, match="schedule"):
+        generate_dgh(net, SPEC, dataclasses.replace(FAST, schedule="step"))
+
+
 def test_coarse_to_fine_runs_every_iteration_and_lowers_the_loss():
     """A coarse phase at half size, then full size: the right number of steps, full-size
     images, seeded, and a set BN loss below the noise it started from."""
@@ -284,11 +339,12 @@ def test_cli_optimizer_and_coarse_share_reach_the_settings(tmp_path: Path, weigh
     args = ["--num-images", 4, "--batch-size", 4, "--iters", 2, "--lr", 0.15]
     code, _, err = run(
         "generate-data", R20, "--weights", weights, *args, "--optimizer", "adam",
-        "--coarse-share", 0.5, "--out", out,
+        "--coarse-share", 0.5, "--lr-schedule", "cosine", "--out", out,
     )  # fmt: skip
     assert code == 0, err
     settings = read_dataset(out).manifest["settings"]
     assert settings["optimizer"] == "adam" and settings["coarse_share"] == 0.5
+    assert settings["schedule"] == "cosine"
 
 
 def test_cli_idle_state_reaches_the_settings(tmp_path: Path, weights: Path):

@@ -35,7 +35,7 @@ def _stepped_state(optimizer: str, steps: int = 3) -> tuple[torch.Tensor, dict]:
     steps on random gradients, so the moments hold values bfloat16 cannot all represent."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 9, 9, generator=gen).to(memory_format=torch.channels_last)
-    batch = new_batch(x, DghSettings(optimizer=optimizer, lr=0.1))
+    batch = new_batch(x, DghSettings(optimizer=optimizer, lr=0.1), steps=10)
     for _ in range(steps):
         batch.images.grad = torch.randn(x.shape, generator=gen) * 1e-3
         batch.optimizer.step()
@@ -68,7 +68,9 @@ def test_idle_store_packs_each_batch_into_its_own_rows_and_wakes_it_unchanged():
     leaves the packed bits as they were."""
     settings = DghSettings(lr=0.1)
     gen = torch.Generator().manual_seed(1)
-    batches = [new_batch(torch.randn(n, 3, 5, 5, generator=gen), settings) for n in (4, 4, 2)]
+    batches = [
+        new_batch(torch.randn(n, 3, 5, 5, generator=gen), settings, steps=10) for n in (4, 4, 2)
+    ]
     store = IdleStore(batches)
     for b, batch in enumerate(batches):
         store.wake(b)  # first visit: nothing to give back
@@ -126,7 +128,7 @@ def test_compact_state_round_trips_exactly_and_holds_no_float32_images():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 9, 9, generator=gen).to(memory_format=torch.channels_last)
     shape, stride = x.shape, x.stride()  # x is the parameter itself: it is emptied at rest
-    batch = new_batch(x, COMPACT)
+    batch = new_batch(x, COMPACT, steps=10)
     for _ in range(3):
         batch.images.grad = torch.randn(shape, generator=gen) * 1e-3
         batch.optimizer.step()

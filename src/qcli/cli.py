@@ -523,6 +523,24 @@ def quantize(
     help="dgh: share of the iterations run at half resolution before refining at full size.",
 )
 @click.option(
+    "--zoom",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="dgh: each step sees a random square of (1 - ZOOM..1) of the image, resized "
+    "(default 0: a plain random crop).",
+)
+@click.option(
+    "--color-shift",
+    type=click.FloatRange(0),
+    help="dgh: each step scales each channel by exp(U(-C, C)) and shifts it by U(-C, C) "
+    "(normalized units; default 0: off).",
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["plateau", "cosine"]),
+    help="dgh: plateau (default, MCT's: halve the lr when the loss stalls) or cosine (decay "
+    "to the floor over the run; for short runs).",
+)
+@click.option(
     "--preview",
     type=PathArg(dir_okay=False, path_type=Path),
     help="Also write a PNG grid of the first 64 images (de-normalized).",
@@ -562,6 +580,9 @@ def generate_data(
     optimizer,
     idle_state,
     coarse_share,
+    zoom,
+    color_shift,
+    lr_schedule,
     preview,
     out,
     force,
@@ -590,6 +611,9 @@ def generate_data(
         "--optimizer": ("optimizer", optimizer) if optimizer else None,
         "--idle-state": ("idle_state", idle_state) if idle_state else None,
         "--coarse-share": ("coarse_share", coarse_share) if coarse_share is not None else None,
+        "--lr-schedule": ("schedule", lr_schedule) if lr_schedule else None,
+        "--zoom": ("zoom", zoom) if zoom is not None else None,
+        "--color-shift": ("color_shift", color_shift) if color_shift is not None else None,
     }
     options = dict(kv for kv in flags.values() if kv is not None)  # the method refuses extras
     cfg = GenerateConfig(

@@ -47,6 +47,9 @@ FLAGS = {
     "optimizer": "--optimizer",
     "idle_state": "--idle-state",
     "coarse_share": "--coarse-share",
+    "schedule": "--lr-schedule",
+    "zoom": "--zoom",
+    "color_shift": "--color-shift",
 }
 
 

@@ -93,6 +93,12 @@ class DghSettings:
     # None: H // 7, i.e. 32 at 224 (MCT) and 4 at 32 (CIFAR's own pad-4 random crop)
     extra_pixels: int | None = None
     smooth_sigma: float = 1.25
+    # Stronger train-view augmentation (Plug-In Inversion's, off by default): `zoom` crops a
+    # random square of (1 - zoom..1) of the padded side and resizes it to the input size;
+    # `color_shift` multiplies each channel by exp(U(-c, c)) and adds U(-c, c) in normalized
+    # units, one draw per step.
+    zoom: float = 0.0
+    color_shift: float = 0.0
     lr_factor: float = 0.5
     patience: int | None = None  # None: max(1, iters // 5), measured (see lr)
     min_lr: float = 1e-4
@@ -120,10 +126,16 @@ class DghSettings:
     # step is capped at lr_t <= 1/sqrt(t), and long runs keep MCT's RAdam and its moments.
     # benchmarks/dgh_memory.md has the table.
     idle_state: str = "moments"
+    # "plateau": MCT's ReduceLROnPlateau (factor, patience, min_lr above). "cosine": lr ->
+    # min_lr along half a cosine over each resolution phase, for short runs, where the
+    # plateau rarely fires and the last steps still move at the full lr.
+    schedule: str = "plateau"
 
     def validate(self) -> None:
         validate_size(self.num_images, self.batch_size)
         validate_steps(self.iters, self.lr)
+        if not 0 <= self.zoom < 1 or self.color_shift < 0:
+            raise UsageError("zoom must be in [0, 1) and color_shift at least 0")
         if not 0 <= self.coarse_share < 1 or not 0 < self.coarse_scale <= 1:
             raise UsageError("coarse_share must be in [0, 1) and coarse_scale in (0, 1]")
         if self.optimizer not in OPTIMIZERS:
@@ -138,6 +150,10 @@ class DghSettings:
             raise UsageError(
                 "the compact idle state keeps no image-sized optimizer state: it needs "
                 f"optimizer 'adafactor', got {self.optimizer!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise UsageError(
+                f"the lr schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
         if self.output_kind not in OUTPUT_LOSSES:
             raise UsageError(
@@ -169,14 +185,38 @@ class Pipeline:
     extra: int
     kernel: Tensor | None
     bounds: tuple[Tensor, Tensor]
+    zoom: float = 0.0
+    color_shift: float = 0.0
 
     def train(self, x: Tensor, rng: random.Random) -> Tensor:
         if self.kernel is None:
             return x
         if rng.random() < 0.5:
             x = x.flip(3)
-        top, left = rng.randint(0, self.extra), rng.randint(0, self.extra)
-        return clamp_to_pixels_(self._crop(self._smooth(x), top, left), self.bounds)
+        x = self._smooth(x)
+        if self.zoom > 0:
+            x = self._zoomed(x, rng)
+        else:
+            top, left = rng.randint(0, self.extra), rng.randint(0, self.extra)
+            x = self._crop(x, top, left)
+        x = clamp_to_pixels_(x, self.bounds)
+        if self.color_shift > 0:
+            c = self.color_shift
+            n = x.shape[1]
+            gain = torch.tensor([math.exp(rng.uniform(-c, c)) for _ in range(n)], device=x.device)
+            shift = torch.tensor([rng.uniform(-c, c) for _ in range(n)], device=x.device)
+            x = x * gain.view(1, n, 1, 1) + shift.view(1, n, 1, 1)
+        return x
+
+    def _zoomed(self, x: Tensor, rng: random.Random) -> Tensor:
+        """A random square of (1 - zoom..1) of the padded side, resized to the input size;
+        never the outer pixel ring, which the zero-padded smoothing darkens."""
+        x = x[:, :, 1:-1, 1:-1]
+        side = min(x.shape[2], x.shape[3])
+        crop = max(1, round(side * rng.uniform(1 - self.zoom, 1)))
+        top, left = rng.randint(0, x.shape[2] - crop), rng.randint(0, x.shape[3] - crop)
+        x = x[:, :, top : top + crop, left : left + crop]
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
 
     def final(self, x: Tensor) -> Tensor:
         if self.kernel is None:
@@ -203,7 +243,7 @@ def make_pipeline(
     given = settings.extra_pixels
     extra = min(input_spec.size) // 7 if given is None else round(given * scale)
     kernel = gaussian_kernel(len(input_spec.mean), settings.smooth_sigma).to(device)
-    return Pipeline(input_spec.size, extra, kernel, bounds)
+    return Pipeline(input_spec.size, extra, kernel, bounds, settings.zoom, settings.color_shift)
 
 
 # ---------------------------------------------------------------- output loss
@@ -275,6 +315,27 @@ class PlateauLR:
         cut = self.bad > self.patience
         self.lr.copy_(torch.where(cut, (self.lr * self.factor).clamp_min(self.min_lr), self.lr))
         self.bad = torch.where(cut, 0, self.bad)
+
+
+class CosineLR:
+    """lr_t = min_lr + (lr - min_lr) * (1 + cos(pi * t / steps)) / 2, written into the lr
+    tensor the optimizer reads (the same interface as PlateauLR; the loss is not used)."""
+
+    def __init__(self, lr: Tensor, settings: DghSettings, steps: int) -> None:
+        self.lr = lr
+        self.top = float(lr)
+        self.min_lr = min(settings.min_lr, self.top)
+        self.steps = max(1, steps)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, loss: Tensor) -> None:
+        self.t = min(self.t + 1, self.steps)
+        w = 0.5 * (1 + math.cos(math.pi * self.t / self.steps))
+        self.lr.fill_(self.min_lr + (self.top - self.min_lr) * w)
+
+
+SCHEDULES = ("plateau", "cosine")
 
 
 # ---------------------------------------------------------------- idle batches
@@ -471,7 +532,7 @@ class Batch:
 
     images: Tensor
     optimizer: torch.optim.Optimizer
-    schedule: PlateauLR
+    schedule: PlateauLR | CosineLR
     bn_loss: Tensor | None = None
     out_loss: Tensor | None = None
     packed: Tensor | None = None  # the images while idle in the compact mode (IMAGE_DTYPE)
@@ -490,7 +551,8 @@ class Batch:
         self.images.data = self.images.new_empty(0)
 
 
-def new_batch(x: Tensor, settings: DghSettings) -> Batch:
+def new_batch(x: Tensor, settings: DghSettings, steps: int) -> Batch:
+    """A batch with a fresh optimizer and schedule for a phase of `steps` steps."""
     x = x.requires_grad_()
     lr = torch.tensor(settings.lr, device=x.device)
     cuda = x.device.type == "cuda"
@@ -498,6 +560,8 @@ def new_batch(x: Tensor, settings: DghSettings) -> Batch:
     if settings.optimizer != "adafactor":  # Adafactor reads its lr on the host each step
         options["capturable"] = cuda
     optimizer = OPTIMIZERS[settings.optimizer]([x], lr=lr, **options)
+    if settings.schedule == "cosine":
+        return Batch(x, optimizer, CosineLR(lr, settings, steps))
     return Batch(x, optimizer, PlateauLR(lr, settings))
 
 
@@ -602,7 +666,7 @@ def generate_dgh(
                 starts = _upsampled(batches, padded, release=compact is not None)
             batches = []
             for b, x in enumerate(starts):  # compact: each batch packed before the next is made
-                batch = new_batch(x.to(device, memory_format=layout), settings)
+                batch = new_batch(x.to(device, memory_format=layout), settings, iters)
                 clamp_to_pixels_(batch.images, pipeline.bounds)
                 if compact is not None:
                     compact.rest(b, batch)
