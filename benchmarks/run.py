@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.render:
         for name in names:
-            _render(name, args.quick)
+            _render(name, args.quick, args.tag)
         return 0
     data = common.shared_data()
     if not data.is_dir():
@@ -160,18 +160,19 @@ def _merge(name: str) -> None:
     common.write_outputs(name, merged, module.markdown(merged))
 
 
-def _render(name: str, quick: bool) -> None:
+def _render(name: str, quick: bool, tag: str | None = None) -> None:
     import importlib
 
     from suites import common
 
-    path = common.RESULTS / f"{_stem(name, quick)}.json"
+    stem = f"{name}.{tag}" if tag else _stem(name, quick)
+    path = common.RESULTS / f"{stem}.json"
     if not path.is_file():
         print(f"suite {name}: no {path} to render")
         return
     payload = json.loads(path.read_text())
     module = importlib.import_module(f"suites.{name}")
-    common.write_outputs(_stem(name, quick), None, module.markdown(payload))
+    common.write_outputs(stem, None, module.markdown(payload))
 
 
 if __name__ == "__main__":

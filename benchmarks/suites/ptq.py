@@ -264,10 +264,18 @@ def _oscillation_plots(key: str, cells: list[dict[str, Any]]) -> None:
             base = by.get((base_row, bits))
             if row != mrecg_row or base is None:
                 continue
-            report = pair_report(base["oscillation"], c["oscillation"], base_row, mrecg_row)
+            labels = [f"{r} ({_top1_text(x)})" for r, x in ((base_row, base), (mrecg_row, c))]
+            report = pair_report(base["oscillation"], c["oscillation"], *labels)
             name = mrecg_row.split(" ")[0].replace("+", "-").lower()
             path = PLOTS / f"ptq-oscillation-{key}-{bits}-{name}.png"
             write_loss_plot(path, report, f"{key} {bits.upper()}")
+
+
+def _top1_text(cell: dict[str, Any]) -> str:
+    """The cell's accuracy for a plot legend: onnxruntime's top-1, else the simulation's."""
+    if "ort" in cell:
+        return f"ORT top-1 {cell['ort']['top1']:.2f}%"
+    return f"sim top-1 {cell['sim']['top1']:.2f}%"
 
 
 def pair_report(
@@ -371,6 +379,8 @@ def markdown(payload: dict[str, Any]) -> str:
         )
     out += _sweep_markdown(payload.get("sweeps", {}))
     out += _gap_markdown(payload.get("gaps", {}))
+    if payload.get("notes"):  # written by hand into the JSON after the run, kept on --render
+        out += ["", "## Reading this run", "", *payload["notes"]]
     return "\n".join(out)
 
 
