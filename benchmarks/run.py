@@ -126,15 +126,18 @@ def _run_suite(ctx, name: str) -> None:
     if payload["src_hash_end"] != ctx.env["src_hash"]:
         common.log("warning: files under src/ changed during the run (see src_hash_end)")
     payload = json.loads(json.dumps(payload, default=str))  # what the JSON file holds
-    stem = _stem(name, ctx.quick) + (f"-{'-'.join(ctx.models)}" if ctx.models else "")
-    if ctx.tag:  # a subset never overwrites the suite's full table
-        stem = f"{name}.{ctx.tag}"
+    stem = _stem(name, ctx.quick, ctx.tag)
+    if ctx.models and not ctx.tag:
+        stem += f"-{'-'.join(ctx.models)}"
     common.write_outputs(stem, payload, module.markdown(payload))
     common.log(f"suite {name} done in {payload['wall_s']:.0f} s")
 
 
-def _stem(name: str, quick: bool) -> str:
-    """Quick runs write <suite>.quick.json/.md (git-ignored): never over the full results."""
+def _stem(name: str, quick: bool, tag: str | None = None) -> str:
+    """Quick runs write <suite>.quick.json/.md (git-ignored) and tagged subsets
+    <suite>.<tag>.json/.md: never over the full results."""
+    if tag:
+        return f"{name}.{tag}"
     return f"{name}.quick" if quick else name
 
 
@@ -165,7 +168,7 @@ def _render(name: str, quick: bool, tag: str | None = None) -> None:
 
     from suites import common
 
-    stem = f"{name}.{tag}" if tag else _stem(name, quick)
+    stem = _stem(name, quick, tag)
     path = common.RESULTS / f"{stem}.json"
     if not path.is_file():
         print(f"suite {name}: no {path} to render")

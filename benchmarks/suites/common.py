@@ -7,7 +7,6 @@ images of imagenet-sample and is evaluated on the other 400.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from qcli.stages.calibrate import CalibrateConfig, calibrate
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
 from qcli.stages.export import ExportConfig, export
 from qcli.ui import SilentUI
+from suites.rss import peak_rss_mb, reset_peak_rss
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
@@ -100,24 +100,6 @@ def environment() -> dict[str, Any]:
         "cpu_kernel_class": kernels.cpu_kernel_class(),
         "cpu_flags": cpu_flags(),
     }
-
-
-def reset_peak_rss() -> None:
-    """Start this process's peak-RSS count afresh (Linux clear_refs 5), so one cell's peak is
-    its own and not the largest of every cell before it in the same process."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float | None:
-    """Peak RSS since the last reset (VmHWM), in MiB; None where /proc is not Linux's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 def cpu_flags() -> list[str]:
@@ -350,7 +332,8 @@ def qcli_artifact(
     t = time.perf_counter()
     res = calibrate(cfg, SilentUI())
     info["calibrate_wall_s"] = round(time.perf_counter() - t, 2)
-    info["calibrate_peak_rss_mb"] = peak_rss_mb()
+    peak = peak_rss_mb()
+    info["calibrate_peak_rss_mb"] = None if peak is None else round(peak, 1)
     info["calibrate_s"] = res.get("seconds")
     info["calibrate_loadavg"] = [la0, loadavg()]
     info["calibrate_result"] = res

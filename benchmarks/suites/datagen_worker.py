@@ -12,18 +12,18 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
+
+from rss import peak_rss_mb  # this folder: the worker runs as a script
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def peak_mb() -> float:
-    """Peak RSS of this address space (VmHWM). Not ru_maxrss: Linux carries that across
-    fork+exec, so a worker started by a 3 GB parent would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+    """Peak RSS of this address space (`rss.peak_rss_mb`), ru_maxrss where that is None."""
+    peak = peak_rss_mb()
+    if peak is None:  # not Linux: best effort
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak
 
 
 def main(spec: dict) -> dict:
