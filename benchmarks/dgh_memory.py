@@ -2,17 +2,18 @@
 
     .venv/bin/python benchmarks/dgh_memory.py [--batch 64] [--iters 3] [--sizes 256 2048]
         [--before /path/to/other/src] [--repeats 1] [--quality-iters 30]
-        [--modes moments compact] [--compact-lrs 0.15]
+        [--modes moments compact] [--compact-lrs 0.15] [--allocators default fixed]
+        [--out benchmarks/results/dgh_memory.json]
 
 Each run is a fresh process (peak RSS is per process: `ru_maxrss`), one after the other, on
 the CIFAR ResNet-20 (its trained weights when ../shared/models has them, random otherwise:
 memory does not depend on the weights). Rows per idle-state mode (`DghSettings.idle_state`):
 "moments" with the default optimizer, "compact" with Adafactor at the first of
-`--compact-lrs`. `--before SRC` also runs the "moments" rows with that source tree first on
+`--compact-lrs`. `--before SRC` also runs the chosen modes with that source tree first on
 PYTHONPATH (e.g. main's `src`), for the before/after table. The bound is the
 issue's: peak RSS at the smallest N plus the bytes of the largest N's output images
-(float32 [N, C, H, W]). Writes benchmarks/results/dgh_memory.json and benchmarks/dgh_memory.md
-(each through a temporary file and a rename, so a reader never sees half a file).
+(float32 [N, C, H, W]). Writes `--out` and the .md of its name in benchmarks/ (each through a
+temporary file and a rename, so a reader never sees half a file).
 """
 
 from __future__ import annotations
@@ -237,12 +238,22 @@ def main() -> None:
         default=[0.15],
         help="Adafactor lrs of the compact quality rows; the first also runs the memory rows",
     )
-    parser.add_argument("--before", type=Path, help="another source tree to measure first")
+    parser.add_argument(
+        "--before", type=Path, help="another source tree to measure first (in the same modes)"
+    )
+    parser.add_argument(
+        "--allocators",
+        nargs="+",
+        choices=("default", "fixed"),
+        default=["default", "fixed"],
+        help="glibc as users run it, and/or with the mmap threshold fixed",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "dgh_memory.json")
     parser.add_argument("--render", type=Path, help="only rewrite the .md from this JSON")
     args = parser.parse_args()
     if args.render is not None:
-        write_atomic(BENCH / "dgh_memory.md", markdown(json.loads(args.render.read_text())))
+        md = BENCH / (args.render.stem + ".md")
+        write_atomic(md, markdown(json.loads(args.render.read_text())))
         return
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     wanted = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -250,23 +261,16 @@ def main() -> None:
     codes = [("before", args.before.resolve())] if args.before is not None else []
     codes.append(("after" if codes else "this", REPO / "src"))
     runs = [(label, src, mode) for label, src in codes for mode in args.modes]
-    runs = [
-        (label, src, mode) for label, src, mode in runs if label != "before" or mode == "moments"
-    ]
     rows = [
         row
-        for live in (False, True)
+        for live in [a == "fixed" for a in args.allocators]
         for label, src, mode in runs
         for row in memory_rows(label, src, args, live, mode)
     ]
     quality = []
     if args.quality_iters:
         quality = [
-            row
-            for label, src in codes
-            for row in quality_rows(
-                label, src, args, args.modes if label != "before" else ["moments"]
-            )
+            row for label, src in codes for row in quality_rows(label, src, args, args.modes)
         ]
     payload = {
         "command": "python benchmarks/dgh_memory.py " + " ".join(sys.argv[1:]),
@@ -288,8 +292,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, json.dumps(payload, indent=2) + "\n")
-    if args.out == BENCH / "results" / "dgh_memory.json":
-        write_atomic(BENCH / "dgh_memory.md", markdown(payload))
+    write_atomic(BENCH / (args.out.stem + ".md"), markdown(payload))
     print(markdown(payload))
 
 

@@ -181,6 +181,53 @@ def test_moments_mode_never_takes_the_compact_path(monkeypatch):
     assert images.shape == (10, 3, 16, 16)
 
 
+HEAP_WORKER = """
+import ctypes, json
+from qcli.methods.generators.heap import release_free_heap
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
+blocks = [libc.malloc(64 * 1024) for _ in range(400)]  # under the mmap threshold: the heap
+for b in blocks:
+    ctypes.memset(b, 1, 64 * 1024)
+for b in blocks[:-1]:  # the last one pins them: a free middle, not a free top
+    libc.free(b)
+held = rss()
+done = release_free_heap()
+print(json.dumps({"held_kib": held, "after_kib": rss(), "done": done}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim")
+def test_free_heap_pages_go_back_to_the_system():
+    """25 MiB of freed blocks in the middle of the heap stay resident until the trim."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # whatever the caller set
+    proc = subprocess.run(
+        [sys.executable, "-c", HEAP_WORKER], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["done"]
+    assert out["held_kib"] - out["after_kib"] > 20 * 1024, out
+
+
+def test_the_compact_rest_releases_the_visits_heap(monkeypatch):
+    """Each CPU rest hands the freed pages back, so resident memory does not grow with the
+    number of visits under glibc's dynamic mmap threshold; the moments mode never does."""
+    from qcli.methods.generators import dgh
+
+    calls = []
+    monkeypatch.setattr(dgh, "release_free_heap", lambda: calls.append(1) or True)
+    settings = DghSettings(num_images=12, batch_size=4, iters=2, **_compact())
+    generate_dgh(_tiny_net(), SPEC, settings)
+    rests = len(calls)
+    assert rests >= 2 * 3  # every visit of every batch ends in a rest
+    generate_dgh(_tiny_net(), SPEC, DghSettings(num_images=12, batch_size=4, iters=2))
+    assert len(calls) == rests
+
+
 def _compact() -> dict:
     return {"optimizer": COMPACT.optimizer, "lr": COMPACT.lr, "idle_state": COMPACT.idle_state}
 

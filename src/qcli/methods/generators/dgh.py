@@ -43,6 +43,7 @@ from qcli.methods.generators.bn_stats import (
     require_bn_layers,
     set_moments,
 )
+from qcli.methods.generators.heap import release_free_heap
 from qcli.methods.generators.images import (
     InputSpecLike,
     Progress,
@@ -472,11 +473,12 @@ class CompactStore:
     the images' layout) and empties the float32 parameter (the same tensor object, so the
     optimizer's state stays keyed to it); `wake(batch)` gives the float32 images back.
 
-    The buffer is allocated once and rewritten in place, so the allocator has no holes to
-    keep resident. Given `output` (the run's float32 result, on the same device), the buffer
-    is the output's own memory: a padded float16 image is smaller than a float32 output
-    image (36 x 36 x 2 against 32 x 32 x 4 bytes on CIFAR), so when the final views are
-    written last batch first (`_final_views(reverse=True)`), each one lands only on rows
+    The buffer is allocated once and rewritten in place, and each rest hands the visit's
+    freed heap pages back (`release_free_heap`), so what stays resident is what is held.
+    Given `output` (the run's float32 result, on the same device), the buffer is the
+    output's own memory: a padded float16 image is smaller than a float32 output image
+    (36 x 36 x 2 against 32 x 32 x 4 bytes on CIFAR), so when the final views are written
+    last batch first (`_final_views(reverse=True)`), each one lands only on rows
     already read. The output then costs nothing on top of the idle images: its pages are
     those the packed images touched, and the rest fill at the end, whatever the allocator.
     """
@@ -521,6 +523,8 @@ class CompactStore:
             raise ValueError("the compact idle state cannot hold image-sized optimizer state")
         batch.packed = round_stochastic(batch.images.detach(), self.generator, self.regions[b])
         batch.images.data = batch.images.new_empty(0)  # same tensor, no pixels
+        if batch.packed.device.type == "cpu":  # the visit's float32 blocks leave no residue
+            release_free_heap()
 
 
 # ---------------------------------------------------------------- the generator
