@@ -1,7 +1,9 @@
-"""Reconstruction engine profile: the fused fake-quantizer against the composed graph.
+"""Reconstruction engine profile: the fused fake-quantizer against the composed graph, or
+channels_last against contiguous activations.
 
     .venv/bin/python benchmarks/engine_profile.py [--models r20,effl0] [--bits w4a4,w4a8]
         [--iters N] [--repeats N] [--threads 2] [--micro-repeats 5] [--skip-micro]
+        [--compare quantizer|layout] [--out engine]
 
 Defaults: 20 iterations per unit and 2 repeats for r20, 3 and 1 for effl0 (~5 min in all).
 
@@ -178,30 +180,54 @@ def load(key: str) -> tuple[torch.nn.Module, tuple[int, int, int], str]:
 
 
 def _stamper(stamps: list[float]) -> Callable[..., None]:
-    """A progress callback that records when each iteration ended."""
-    return lambda n, label=None: stamps.append(time.perf_counter())
+    """A progress callback that records when each iteration ended (a skip, which reports the
+    iterations a unit did not run, is no iteration)."""
+
+    def stamp(n: int, label: str | None = None, skip: int = 0) -> None:
+        if n:
+            stamps.append(time.perf_counter())
+
+    return stamp
 
 
-def engine(key: str, bits: str, iters: int, repeats: int) -> dict[str, Any]:
+# What each comparison sets up on a copy of the captured model and on the images: the first
+# mode is the baseline of the speedup column.
+COMPARISONS: dict[str, tuple[str, str]] = {
+    "quantizer": ("composed", "fused"),
+    "layout": ("contiguous", "channels_last"),
+}
+
+
+def _setup(q, images: torch.Tensor, mode: str) -> torch.Tensor:
+    """Quantizers composed or fused (fused unless `composed`); channels_last moves the
+    weights and the images into that layout (every activation then follows)."""
+    for m in q.module.modules():
+        if isinstance(m, Quantizer):
+            m.fused = mode != "composed"
+    if mode == "channels_last":
+        q.module.to(memory_format=torch.channels_last)
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def engine(key: str, bits: str, iters: int, repeats: int, compare: str) -> dict[str, Any]:
     module, shape, weights = load(key)
     images = torch.randn(IMAGES, *shape, generator=torch.Generator().manual_seed(0))
     qg = capture(module, shape, BitConfig.parse(bits))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, images.split(IMAGES), "minmax")
     settings = settings_for("qdrop", {"iters": iters, "batch_size": IMAGES, "eval_images": IMAGES})
-    per_mode: dict[str, dict[str, list[float]]] = {"composed": {}, "fused": {}}
-    wall: dict[str, list[float]] = {"composed": [], "fused": []}
+    base, other = COMPARISONS[compare]
+    per_mode: dict[str, dict[str, list[float]]] = {base: {}, other: {}}
+    wall: dict[str, list[float]] = {base: [], other: []}
     units: list[str] = []
     for r in range(repeats):
-        modes = ["composed", "fused"] if r % 2 == 0 else ["fused", "composed"]
-        for mode in modes:
+        for mode in [base, other] if r % 2 == 0 else [other, base]:
             q = copy.deepcopy(qg)
-            for m in q.module.modules():
-                if isinstance(m, Quantizer):
-                    m.fused = mode == "fused"
+            x = _setup(q, images, mode)
             stamps: list[float] = []
             t = time.perf_counter()
-            results = reconstruct(q, images, settings, _stamper(stamps))
+            results = reconstruct(q, x, settings, _stamper(stamps))
             wall[mode].append(time.perf_counter() - t)
             units = [u.name for u in results]
             for i, name in enumerate(units):
@@ -211,13 +237,13 @@ def engine(key: str, bits: str, iters: int, repeats: int) -> dict[str, Any]:
             common.log(f"{key} {bits} {mode} repeat {r + 1}/{repeats}: {wall[mode][-1]:.1f} s")
     rows = []
     for name in units:
-        c, f = (statistics.median(per_mode[m][name]) for m in ("composed", "fused"))
+        b, o = (statistics.median(per_mode[m][name]) for m in (base, other))
         rows.append(
             {
                 "unit": name,
-                "composed_it_s": round(1 / c, 2),
-                "fused_it_s": round(1 / f, 2),
-                "speedup": round(c / f, 2),
+                f"{base}_it_s": round(1 / b, 2),
+                f"{other}_it_s": round(1 / o, 2),
+                "speedup": round(b / o, 2),
                 "samples_s": {m: per_mode[m][name] for m in per_mode},
             }
         )
@@ -226,11 +252,12 @@ def engine(key: str, bits: str, iters: int, repeats: int) -> dict[str, Any]:
         "model": key,
         "bits": bits,
         "weights": weights,
+        "modes": [base, other],
         "iters_per_unit": iters,
         "repeats": repeats,
         "units": rows,
         "seconds_per_iteration_all_units": {m: round(v, 3) for m, v in total.items()},
-        "speedup_all_units": round(total["composed"] / total["fused"], 2),
+        "speedup_all_units": round(total[base] / total[other], 2),
         "wall_s": {m: [round(v, 1) for v in w] for m, w in wall.items()},
     }
 
@@ -240,7 +267,12 @@ def engine(key: str, bits: str, iters: int, repeats: int) -> dict[str, Any]:
 
 def markdown(payload: dict[str, Any]) -> str:
     lines = [
-        "# Reconstruction engine: fused vs composed fake quantization",
+        "# Reconstruction engine: "
+        + " vs ".join(
+            payload["engine"][0].get("modes", COMPARISONS["quantizer"])
+            if payload.get("engine")
+            else COMPARISONS["quantizer"]
+        ),
         "",
         f"- command: `{payload['command']}`",
         f"- date: {payload['date']}; wall time {payload['wall_s']:.0f} s; load average at start "
@@ -271,17 +303,18 @@ def markdown(payload: dict[str, Any]) -> str:
         ]
     for run in payload.get("engine", []):
         secs = run["seconds_per_iteration_all_units"]
+        base, other = run.get("modes", COMPARISONS["quantizer"])
         lines += [
             f"## {run['model']} {run['bits']} QDrop reconstruction ({run['weights']} weights)",
             "",
             f"{IMAGES} images, batch {IMAGES}, {run['iters_per_unit']} iterations per unit, "
-            f"{run['repeats']} repeat(s); one iteration over all units: composed "
-            f"{secs['composed']} s, fused {secs['fused']} s (x{run['speedup_all_units']}).",
+            f"{run['repeats']} repeat(s); one iteration over all units: {base} "
+            f"{secs[base]} s, {other} {secs[other]} s (x{run['speedup_all_units']}).",
             "",
             common.md_table(
-                ["unit", "composed it/s", "fused it/s", "speedup"],
+                ["unit", f"{base} it/s", f"{other} it/s", "speedup"],
                 [
-                    [u["unit"], u["composed_it_s"], u["fused_it_s"], u["speedup"]]
+                    [u["unit"], u[f"{base}_it_s"], u[f"{other}_it_s"], u["speedup"]]
                     for u in run["units"]
                 ],
             ),
@@ -299,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-repeats", type=int, default=5)
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compare",
+        choices=list(COMPARISONS),
+        default="quantizer",
+        help="quantizer: composed vs fused fake-quantizers; layout: contiguous vs channels_last "
+        "(both fused)",
+    )
     parser.add_argument("--out", default="engine", help="stem of the JSON and markdown files")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -313,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_micro:
         payload["micro"] = micro(args.micro_repeats)
     payload["engine"] = [
-        engine(key, bits, args.iters or ITERS[key], args.repeats or REPEATS[key])
+        engine(key, bits, args.iters or ITERS[key], args.repeats or REPEATS[key], args.compare)
         for key in args.models.split(",")
         if key
         for bits in args.bits.split(",")

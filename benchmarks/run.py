@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         "'gap: <label>'; the iterations sweep runs only without --rows)",
     )
     parser.add_argument(
+        "--bits", help="ptq: only these comma-separated bit widths (e.g. w4a4,w4a8), gap table too"
+    )
+    parser.add_argument(
         "--tag", help="write <suite>.<tag>.json/.md instead of the suite's own table"
     )
     parser.add_argument("--epochs", type=int, help="qat: epochs of every row [10; quick: 1]")
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     ctx.interval = args.interval
     ctx.rows = args.rows
+    ctx.bits = tuple(args.bits.lower().split(",")) if args.bits else None
     ctx.tag = args.tag
     ctx.env = common.environment()
     common.prune_cache(ctx.cache)

@@ -126,11 +126,16 @@ class Context:
     seeds: tuple[int, ...] | None = None  # qat: seeds of the multi-seed rows
     interval: int | None = None  # qat: epochs between coreset selections (None: E // 5)
     rows: str | None = None  # ptq: regex over row labels (gap rows: "gap: <label>")
+    bits: tuple[str, ...] | None = None  # ptq: only these bit widths
     tag: str | None = None  # results go to <suite>.<tag>.json/.md, beside the full table
 
     def wants(self, label: str) -> bool:
         """Whether a row runs under `--rows` (every row without it)."""
         return self.rows is None or re.search(self.rows, label, re.IGNORECASE) is not None
+
+    def wants_bits(self, bits: str) -> bool:
+        """Whether a bit width runs under `--bits` (every one without it)."""
+        return self.bits is None or bits in self.bits
 
     @property
     def cache(self) -> Path:

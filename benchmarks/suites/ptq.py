@@ -145,6 +145,8 @@ def run(ctx: Context) -> dict[str, Any]:
         cells = []
         for row in (r for r in rows if ctx.wants(r.label)):
             for bits in bits_of[b.key]:
+                if not ctx.wants_bits(bits):
+                    continue
                 if row.only is None or bits in row.only.get(b.key, ()):
                     cells.append(_cell(ctx, b, row, bits, fp.top1, _settings(row, b.key)))
                     partial = {"models": {**models, b.key: {"fp": fp.to_dict(), "cells": cells}}}
@@ -154,7 +156,7 @@ def run(ctx: Context) -> dict[str, Any]:
         if not ctx.quick:
             _oscillation_plots(b.key, cells)
         sweep = QUICK_SWEEP if ctx.quick else SWEEP
-        if sweep["model"] == b.key and ctx.rows is None:
+        if sweep["model"] == b.key and ctx.rows is None and ctx.bits is None:
             models[b.key + "_sweep"] = _sweep(ctx, b, sweep, fp.top1)
         models[b.key] = {
             "model": b.model.spec,
@@ -178,7 +180,7 @@ def _gap(ctx: Context, b) -> dict[str, Any]:
     on_calib = replace(small, eval_path=small.calib.path, eval_limit=n, _eval=None)
     on_calib.eval_desc = f"the {n} calibration images"
     cells = []
-    for bits in GAP[b.key]["bits"]:
+    for bits in (w for w in GAP[b.key]["bits"] if ctx.wants_bits(w)):
         for row in (r for r in GAP_ROWS if ctx.wants(f"gap: {r.label}")):
             settings = _settings(row, b.key)
             art = qcli_artifact(ctx, small, row.method, bits, settings)
