@@ -134,3 +134,20 @@ def test_replay_at_the_cut_equals_the_cached_walk():
         chain.advance(step.segment)
     again = chain.replay(x)
     assert torch.equal(again.q, chain.q) and torch.equal(again.f, chain.f)
+
+
+def test_activation_caches_keep_the_models_layout():
+    """A channels_last model's cached activations stay channels_last (a contiguous cache
+    would be converted back at every step), and the values do not depend on the layout."""
+    from qcli.methods.chain import run_batched
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).eval()
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    flat = run_batched(conv, x, 2, torch.device("cpu"), torch.float32)
+    assert flat.is_contiguous()
+    conv.to(memory_format=torch.channels_last)
+    cl = run_batched(
+        conv, x.contiguous(memory_format=torch.channels_last), 2, torch.device("cpu"), torch.float32
+    )
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    torch.testing.assert_close(cl, flat)

@@ -49,12 +49,18 @@ def run_batched(
     dtype: torch.dtype,
 ) -> Tensor:
     """module(x) in batches on `device`, written into one preallocated CPU tensor of the cache
-    dtype (gathering a list and concatenating would hold every cache twice at its peak)."""
+    dtype (gathering a list and concatenating would hold every cache twice at its peak), laid
+    out as the module's output (channels_last stays channels_last)."""
     out: Tensor | None = None
     for i in range(0, x.shape[0], batch_size):
         y = module(x[i : i + batch_size].to(device, torch.float32))
         if out is None:
-            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=dtype)
+            layout = (
+                torch.channels_last
+                if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)
+                else torch.contiguous_format
+            )
+            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=dtype, memory_format=layout)
         out[i : i + y.shape[0]] = y.to("cpu", dtype)
     assert out is not None, "run_batched needs at least one image"
     return out
