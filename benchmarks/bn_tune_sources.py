@@ -3,7 +3,8 @@
 Calibrates MSE ranges on one image set and BN-tunes on another (every pair of the sets
 given), and scores the simulation on the held-out imagenet-sample images. `--reference bn`
 BN-tunes against each folded BatchNorm's own population statistics (beta, |gamma|) instead
-of the float model's statistics on the same images.
+of the float model's statistics on the same images; `--alpha A` applies only that share of
+each correction.
 
     .venv/bin/python benchmarks/bn_tune_sources.py \\
         --set real=benchmarks/.cache/data/imagenet-sample-068e996e156f-s0-calib:32 \\
@@ -59,12 +60,29 @@ def population_stats(population: dict[str, tuple[Tensor, Tensor]]) -> Callable:
     return stats
 
 
+def damped(correct: Callable, alpha: float) -> Callable:
+    """`correct` with the float statistics moved only `alpha` of the way from the quantized."""
+
+    def correct_share(layer, q_stats, fp_stats, match_std):
+        (mq, sq), (mf, sf) = q_stats, fp_stats
+        share = ((mq + alpha * (mf - mq)), (sq + alpha * (sf - sq)))
+        return correct(layer, q_stats, share, match_std)
+
+    return correct_share
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", action="append", required=True, help="NAME=FOLDER[:LIMIT]")
     p.add_argument("--ranges", required=True, help="sets to take MSE ranges from")
     p.add_argument("--tune", required=True, help="sets to BN-tune on")
     p.add_argument("--reference", choices=("images", "bn"), default="images")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="apply this share of each correction (σ and μ moved α of the way to the float's)",
+    )
     p.add_argument("--bits", default="w4a8")
     p.add_argument("--eval", default=EVAL)
     args = p.parse_args()
@@ -81,6 +99,8 @@ def main() -> None:
     evaluation = open_dataset(DataOptions(args.eval), spec, 0)
     if args.reference == "bn":
         tuning._layer_stats = population_stats(bn_population(loaded.module))
+    if args.alpha != 1.0:
+        tuning.correct_layer = damped(tuning.correct_layer, args.alpha)
     rows = []
     for r in args.ranges.split(","):
         for t in args.tune.split(","):
@@ -94,7 +114,8 @@ def main() -> None:
             stage.fit_bias_grids(qg)
             qg.module.eval()
             top1 = accuracy(qg.module, iterate(evaluation, 50)).top1
-            row = {"ranges": r, "tune": t, "reference": args.reference, "top1": top1}
+            row = {"ranges": r, "tune": t, "reference": args.reference, "alpha": args.alpha}
+            row["top1"] = top1
             rows.append({**row, "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(rows[-1]), flush=True)
 
