@@ -296,6 +296,48 @@ def test_calibrate_records_widened_layers_and_export_stores_them_unsigned(
         assert dtypes[name.replace(".", "_") + "_weight_int"] == want, name
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_the_widening_budget_flag_reaches_the_pass(
+    tmp_path: Path, weights: Path, images: Path, share: float
+):
+    """--int8-widen-share is the pass's multiply-add budget: 0 widens nothing, a larger one
+    may spend more than the default's, never over its own."""
+    from click.testing import CliRunner
+
+    from qcli.cli import cli
+
+    out = tmp_path / "r20.qcli"
+    args = ["calibrate", "builtin:resnet20_cifar10", "--weights", weights, "--data", images]
+    args += ["--bits", "w8a8", "--method", "minmax", "--out", out]
+    res = CliRunner().invoke(cli, [str(a) for a in [*args, "--int8-widen-share", share]])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((out / "manifest.json").read_text())["metrics"]["int8_range"]
+    assert report["mac_budget"] == share and report["mac_share"] <= share
+    if share == 0.0:
+        assert report["widened"] == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        (["--int8-range", "full"], "--int8-range safe"),
+        (["--bits", "w4a8"], "8-bit weights"),
+    ],
+)
+def test_the_widening_budget_is_refused_where_nothing_is_narrowed(
+    tmp_path: Path, weights: Path, images: Path, extra: list[str], why: str
+):
+    from click.testing import CliRunner
+
+    from qcli.cli import cli
+
+    args = ["calibrate", "builtin:resnet20_cifar10", "--weights", weights, "--data", images]
+    args += ["--method", "minmax", "--out", tmp_path / "x.qcli", "--int8-widen-share", 0.3]
+    res = CliRunner().invoke(cli, [str(a) for a in [*args, *extra]])
+    assert res.exit_code == 2 and why in res.output + res.stderr, res.output
+    assert not (tmp_path / "x.qcli").exists()
+
+
 def _qdq_gemm(w: np.ndarray, trans_b: int) -> onnx.ModelProto:
     """uint8-quantized input -> Gemm with int8 QDQ weights `w` (as stored)."""
     from onnx import TensorProto, helper, numpy_helper

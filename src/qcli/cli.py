@@ -161,6 +161,14 @@ int8_range_option = click.option(
     "keep the full grid as uint8 weights). full: the whole int8 grid, exact only on CPUs with "
     "AVX-512 VNNI, AVX-VNNI, AMX or ARM (an AVX2-only CPU computes something else).",
 )
+int8_widen_option = click.option(
+    "--int8-widen-share",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="--int8-range safe, 8-bit weights: the share of multiply-adds whose layers may get "
+    "the full int8 grid back (uint8 weights in u8×u8 kernels: exact everywhere, about half "
+    "the speed for those layers) [0.2].",
+)
 weight_storage_option = click.option(
     "--weight-storage",
     type=click.Choice(WEIGHT_STORAGES),
@@ -232,6 +240,20 @@ def _refuse_given(params: tuple[str, ...], why: str) -> None:
     ]
     if given:
         raise UsageError(f"{', '.join(given)} {why}")
+
+
+def _widen_share(share: float | None, int8_range: str, bits: BitConfig | None) -> float | None:
+    """--int8-widen-share only where there is a narrowed grid to widen (`bits` None: a
+    bits.json plan, whose widths are read later)."""
+    if share is None:
+        return None
+    if int8_range != "safe":
+        raise UsageError("--int8-widen-share applies only to --int8-range safe")
+    if bits is not None and bits.weight != 8:
+        raise UsageError(
+            f"--int8-widen-share applies only to 8-bit weights, not {bits.weight}-bit ones"
+        )
+    return share
 
 
 def _kv(keys: list[str]) -> Callable[[dict], list[tuple]]:
@@ -389,6 +411,7 @@ def _mb(v) -> str:
     "or 8 bits per layer (integer program on measured sensitivities).",
 )
 @int8_range_option
+@int8_widen_option
 @weight_storage_option
 @model_options
 @data_options(required=False)
@@ -412,6 +435,7 @@ def quantize(
     metaaug,
     mixed,
     int8_range,
+    int8_widen_share,
     weight_storage,
     seed,
     ui,
@@ -455,6 +479,7 @@ def quantize(
         granularity=granularity,
         bn_tune=bn_tune,
         int8_range=int8_range,
+        widen_share=_widen_share(int8_widen_share, int8_range, None if mixed else bits),
         weight_storage=weight_storage,
         mixed=mixed,
         metaaug=metaaug,
@@ -778,6 +803,7 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     "--int8-range).",
 )
 @int8_range_option
+@int8_widen_option
 @click.option("--out", type=PathArg(path_type=Path), help="Quantized-model folder (.qcli).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @model_options
@@ -810,6 +836,7 @@ def calibrate(
     keep_fp,
     bit_config,
     int8_range,
+    int8_widen_share,
     out,
     force,
     seed,
@@ -872,6 +899,7 @@ def calibrate(
         int8_range,
         bit_config=bit_config,
         plot=plot,
+        widen_share=_widen_share(int8_widen_share, int8_range, None if bit_config else bits),
     )
     if show_units:
         return show_units_of(cfg, granularity, ui)

@@ -52,6 +52,7 @@ class CalibrateConfig:
     plan: QuantPlan | None = None  # a whole plan; then bits/keep_fp/int8_range unused
     bit_config: Path | None = None  # a bits.json (allocate-bits) holding the plan
     plot: Path | None = None  # PNG of the per-unit reconstruction loss along depth
+    widen_share: float | None = None  # safe range: MACs that may widen back (None: default)
 
     def quant_plan(self) -> QuantPlan:
         """The one plan capture receives: the given one, bits.json's, else the flags'."""
@@ -140,7 +141,7 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
             images if images is not None else next(image_batches(ds, WidenSettings.probe_images))
         )
         with ui.task("int8 range: widen sensitive layers", total=None):
-            metrics["int8_range"] = widen(qg, probe, cfg.method)
+            metrics["int8_range"] = widen(qg, probe, cfg.method, cfg.widen_share)
     if images is not None:
         metrics["tuning"] = run_tuning(qg, reference, images, cfg, ui)
     _unit_table(metrics, ui)
@@ -195,11 +196,15 @@ def run_method(
     return metrics
 
 
-def widen(qg: QuantGraph, images: torch.Tensor, method: str) -> dict[str, Any]:
+def widen(
+    qg: QuantGraph, images: torch.Tensor, method: str, share: float | None = None
+) -> dict[str, Any]:
     """The saturation-safe range's second step: widen the layers that need the full grid,
-    with the method's own weight estimator (MSE unless it sets plain ranges)."""
+    with the method's own weight estimator (MSE unless it sets plain ranges), within `share`
+    of the multiply-adds (None: `WidenSettings`' default)."""
     weight_method = "minmax" if method in ("minmax", "percentile") else "mse"
-    report = widen_sensitive_layers(qg, images, weight_method)
+    settings = WidenSettings() if share is None else WidenSettings(mac_share=share)
+    report = widen_sensitive_layers(qg, images, weight_method, settings)
     fit_bias_grids(qg)
     return report
 

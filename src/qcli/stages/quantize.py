@@ -56,6 +56,7 @@ class QuantizeConfig:
     # benchmarks/ptq.md; data-free 87.875 -> 88.125 over two seeds), r20 W8A8 80.97 -> 81.05.
     bn_tune: bool = True
     int8_range: str = "safe"
+    widen_share: float | None = None  # safe range: MACs that may widen back (None: default)
     weight_storage: str = "int8"  # int8 runs in integer kernels; int4 is smaller but slower
     # Mixed precision at the size of uniform `bits.weight` weights: allocate-bits over
     # MIXED_WIDTHS (activations stay at bits.activation), then calibrate that plan.
@@ -173,6 +174,7 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
                 bn_tune=cfg.bn_tune,
                 int8_range=cfg.int8_range,
                 bit_config=bit_config,
+                widen_share=cfg.widen_share,
             ),
             ui,
         )
