@@ -265,14 +265,14 @@ def engine(key: str, bits: str, iters: int, repeats: int, compare: str) -> dict[
 # ------------------------------------------------------------------------------- output
 
 
+def _modes(run: dict[str, Any]) -> tuple[str, str]:
+    """The two modes a run compared (runs from before `--compare` compared quantizers)."""
+    return tuple(run.get("modes", COMPARISONS["quantizer"]))  # type: ignore[return-value]
+
+
 def markdown(payload: dict[str, Any]) -> str:
     lines = [
-        "# Reconstruction engine: "
-        + " vs ".join(
-            payload["engine"][0].get("modes", COMPARISONS["quantizer"])
-            if payload.get("engine")
-            else COMPARISONS["quantizer"]
-        ),
+        "# Reconstruction engine: " + " vs ".join(_modes(payload.get("engine", [{}])[0])),
         "",
         f"- command: `{payload['command']}`",
         f"- date: {payload['date']}; wall time {payload['wall_s']:.0f} s; load average at start "
@@ -303,7 +303,7 @@ def markdown(payload: dict[str, Any]) -> str:
         ]
     for run in payload.get("engine", []):
         secs = run["seconds_per_iteration_all_units"]
-        base, other = run.get("modes", COMPARISONS["quantizer"])
+        base, other = _modes(run)
         lines += [
             f"## {run['model']} {run['bits']} QDrop reconstruction ({run['weights']} weights)",
             "",

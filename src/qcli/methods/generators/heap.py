@@ -5,8 +5,9 @@ of that size come from the heap, and a free page inside the heap stays resident 
 `malloc_trim`. DGH's compact idle state cycles one batch's float32 images, their gradients
 and the step's activations through the heap on every visit, so without a trim the pages
 resident after many visits grow with the number of batches, not with what is held (ResNet-20,
-batch 64: N = 2,048 kept 81 MiB more than N = 256 resident, against 24 MiB of images;
-benchmarks/dgh_memory.md). Elsewhere (macOS, Windows, musl) this is a no-op.
+batch 64, best of 3 runs: N = 2,048 kept 51.6 MiB more than N = 256 without the trim and 26.3
+with it, against 24 MiB of images; benchmarks/dgh_memory.trim.md). Elsewhere (macOS, Windows,
+musl) this is a no-op.
 """
 
 from __future__ import annotations
