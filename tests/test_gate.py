@@ -263,3 +263,18 @@ def test_gate_fails_a_corrupted_simulation(
     with torch.no_grad():
         corrupt(qm.graph)
     assert not export_stage.compare_with_simulation(qm, honest.onnx, x)["ok"]
+
+
+def test_tiny_logits_are_not_refused(shared_data: Path, tmp_path: Path):
+    """A random-init mobilenet_v3_small's activations decay to ~1e-8: its logits span ~1e-9,
+    under two logit steps, and one honest flip moved them by 40% of that range. The gate
+    refused this correct file until the tolerances had a floor of a few logit steps."""
+    q, o = tmp_path / "mnv3.qcli", tmp_path / "mnv3.onnx"
+    data = ["--data", shared_data / "imagenet-sample", "--limit", 16, "--method", "minmax"]
+    code, _, err = run("calibrate", "torchvision:mobilenet_v3_small", *data, "--out", q)
+    assert code == 0, err
+    code, out, err = run("export", q, "--out", o, "--json")
+    assert code == 0, err
+    check = json.loads(out)["check"]
+    assert check["ok"] and check["logit_range"] < 1e-6
+    assert check["max_abs_diff"] <= export_stage.MIN_LOGIT_STEPS * check["logit_step"]
