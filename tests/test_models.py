@@ -18,6 +18,8 @@ from qcli.quant.capture import capture, set_float
 from qcli.quant.spec import BitConfig
 
 R20 = "builtin:resnet20_cifar10"
+VIT = "builtin:vit_cifar10"
+REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,6 +68,49 @@ def test_random_init_is_deterministic() -> None:
     b = load_model(ModelSource("timm:test_resnet"))
     assert a.checksum == b.checksum and not a.pretrained
     torch.testing.assert_close(a.module.state_dict(), b.module.state_dict(), rtol=0, atol=0)
+
+
+def test_vit_cifar10_builds_runs_and_is_deterministic() -> None:
+    arch = build_architecture(VIT)
+    model = arch.module.eval()
+    assert isinstance(model, timm.models.vision_transformer.VisionTransformer)
+    assert arch.needs_weights and arch.input_spec.size == (32, 32)
+    assert model.cls_token is not None and model.patch_embed.num_patches == 64
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+    again = build_architecture(VIT).module.state_dict()
+    torch.testing.assert_close(model.state_dict(), again, rtol=0, atol=0)
+
+
+def test_vit_cifar10_without_weights_is_refused() -> None:
+    with pytest.raises(QcliError, match="needs --weights"):
+        load_model(ModelSource(VIT))
+
+
+def test_vit_cifar10_loads_a_state_dict(tmp_path: Path) -> None:
+    state = build_architecture(VIT).module.state_dict()
+    state = {k: v + 0.01 for k, v in state.items()}
+    torch.save(state, tmp_path / "vit.pt")
+    loaded = load_model(ModelSource(VIT, weights=str(tmp_path / "vit.pt")))
+    assert loaded.pretrained and not loaded.module.training
+    torch.testing.assert_close(loaded.module.state_dict(), state, rtol=0, atol=0)
+
+
+@pytest.mark.shared
+def test_vit_cifar10_trained_weights_score(shared_data: Path) -> None:
+    """The weights benchmarks/train_vit_cifar10.py caches, where they exist."""
+    weights = REPO / ".bench-cache" / "vit_cifar10.pt"
+    if not weights.is_file():
+        pytest.skip(f"{weights} not found (benchmarks/train_vit_cifar10.py trains it)")
+    loaded = load_model(ModelSource(VIT, weights=str(weights)))
+    data = open_data(shared_data / "cifar10" / "test", loaded.input_spec, limit=300, seed=0)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in iterate(data, 100):
+            correct += int((loaded.module(x).argmax(1) == y).sum())
+            total += len(y)
+    assert total == 300 and correct / total > 0.6
 
 
 @pytest.mark.shared

@@ -28,6 +28,21 @@ EFFICIENTNET_LITE0_SPEC = InputSpec(
     size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=256, crop=True
 )
 RESNET20_CIFAR10_SPEC = InputSpec(size=(32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+VIT_CIFAR10_SPEC = InputSpec(size=(32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD)
+# builtin:vit_cifar10, a small timm VisionTransformer sized to train on one CPU thread
+# (benchmarks/train_vit_cifar10.py trains it and keys its cache on this config)
+VIT_CIFAR10_CONFIG: dict[str, Any] = {
+    "img_size": 32,
+    "patch_size": 4,
+    "embed_dim": 128,
+    "depth": 6,
+    "num_heads": 4,
+    "mlp_ratio": 2.0,
+    "class_token": True,
+    "global_pool": "token",
+}
 
 
 @dataclass
@@ -73,6 +88,16 @@ def _builtin(name: str, num_classes: int | None) -> Architecture:
             input_spec=RESNET20_CIFAR10_SPEC,
             needs_weights=True,
         )
+    if name == "vit_cifar10":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return Architecture(
+            spec="builtin:vit_cifar10",
+            name=name,
+            module=VisionTransformer(num_classes=num_classes or 10, **VIT_CIFAR10_CONFIG),
+            input_spec=VIT_CIFAR10_SPEC,
+            needs_weights=True,
+        )
     if name == "efficientnet_lite0":
         return _efficientnet_lite0(num_classes)
     raise QcliError(
@@ -81,7 +106,7 @@ def _builtin(name: str, num_classes: int | None) -> Architecture:
     )
 
 
-BUILTIN_NAMES = ("efficientnet_lite0", "resnet20_cifar10")
+BUILTIN_NAMES = ("efficientnet_lite0", "resnet20_cifar10", "vit_cifar10")
 
 
 def _efficientnet_lite0(num_classes: int | None) -> Architecture:
