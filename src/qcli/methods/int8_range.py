@@ -11,11 +11,12 @@ on a few calibration images) per multiply-add, and widened while their multiply-
 within `mac_share` of the model's, which bounds the latency cost.
 
 Measuring that KL with one forward per layer made the pass cost layers × model (ResNet-50's
-calibrate: 268 s on 2 shared cores, now 34 s; benchmarks/calib_time.md). It is estimated instead for every layer at once, in one forward and a
-few backward passes: widening changes a layer's output by Δy = f(x; ΔW, Δb) (conv and linear
-are linear in their weights), and KL ≈ ½ Δzᵀ F Δz with Δz ≈ J Δy the logits' change and
-F = diag(p) − ppᵀ the softmax's Fisher. For v = F^½ r, r a random ±1 vector per image,
-E[(vᵀ J Δy)²] = Δzᵀ F Δz, and vᵀJ is one backward pass of vᵀz for all layers together.
+calibrate: 268 s on 2 shared cores, now 34 s; benchmarks/calib_time.md). It is estimated
+instead for every layer at once, in one forward and a few backward passes: widening changes
+a layer's output by Δy = f(x; ΔW, Δb) (conv and linear are linear in their weights), and
+KL ≈ ½ Δzᵀ F Δz with Δz ≈ J Δy the logits' change and F = diag(p) − ppᵀ the softmax's
+Fisher. For v = F^½ r, r a random ±1 vector per image, E[(vᵀ J Δy)²] = Δzᵀ F Δz, and vᵀJ is
+one backward pass of vᵀz for all layers together.
 The few layers the estimate ranks first are then measured exactly (`exact` forwards). On
 EfficientNet-Lite0 the chosen layers overlap the exact pass's in 7 of 10 (calib_time.md).
 """
