@@ -88,7 +88,7 @@ class QuantGraph:
                 continue  # one output of a float op counted already
             if op.name in ("relu", "relu6") or _kind(n, mods) == ops.FUSABLE:
                 continue  # clips fused into the integer kernel before them
-            if op.integer and not (op.kind == ops.WEIGHTED and n.target in self.keep_fp):
+            if _runs_integer(n, op, mods, self.keep_fp):
                 integer += 1
             else:
                 floating[ops.op_label(n, mods)] += 1
@@ -675,6 +675,19 @@ def hardtanh_bounds(n: fx.Node, mods: dict[str, nn.Module]) -> tuple[float, floa
     lo = args[0] if args[0] is not None else n.kwargs.get("min_val", -1.0)
     hi = args[1] if args[1] is not None else n.kwargs.get("max_val", 1.0)
     return float(lo), float(hi)
+
+
+def _runs_integer(n: fx.Node, op: ops.Op, mods: dict[str, nn.Module], keep: tuple) -> bool:
+    """Whether onnxruntime runs this compute op in an integer kernel: it has one, its layer
+    is not kept float, and (but for MatMul, which onnxruntime also runs from integers to a
+    float output) its output is requantized, directly or after a fused clip."""
+    if not op.integer or (op.kind == ops.WEIGHTED and n.target in keep):
+        return False
+    if op.kind == ops.WEIGHTED or op.name == "matmul":
+        return True
+    while len(n.users) == 1 and _kind(next(iter(n.users)), mods) == ops.FUSABLE:
+        (n,) = n.users
+    return any(u.op == "call_module" and isinstance(mods[u.target], Quantizer) for u in n.users)
 
 
 def _integer(n: fx.Node, mods: dict[str, nn.Module]) -> bool:
