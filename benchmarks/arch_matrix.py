@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from suites.common import run_meta, write_outputs  # noqa: E402
+
 SHARED = Path(os.environ.get("QCLI_SHARED_DATA", ROOT.parent / "shared" / "data"))
 ROWS = [
     ("timm:resnet18", 32),
@@ -137,32 +140,9 @@ def main() -> int:
                 row = run_row(spec, side, bits, Path(tmp))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    flags = subprocess.run(
-        "grep -o 'avx2\\|avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo | sort -u",
-        shell=True, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    meta = {
-        "command": "python benchmarks/arch_matrix.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu_flags": " ".join(flags),
-        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "commit": commit,
-    }
-    _write(
-        ROOT / "benchmarks" / "results" / f"{args.out}.json",
-        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n",
-    )
-    _write(ROOT / "benchmarks" / f"{args.out}.md", render(rows, meta))
+    meta = run_meta("arch_matrix.py")
+    write_outputs(args.out, {"meta": meta, "rows": rows}, render(rows, meta))
     return 0
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from suites.common import run_meta, write_outputs  # noqa: E402
+
 SHARED = Path(os.environ.get("QCLI_SHARED_DATA", ROOT.parent / "shared" / "data"))
 WEIGHTS = ROOT / ".bench-cache" / "vit_cifar10.pt"
 MODEL = "builtin:vit_cifar10"
@@ -204,33 +207,9 @@ def main() -> int:
         latencies = _latencies({k: path for k, (_, path) in timed.items()})
         for k, (i, _) in timed.items():
             rows[i]["latency_ms"] = latencies[k]
-    meta = _meta(args)
-    _write(ROOT / "benchmarks" / "results" / "vit_cifar10.json",
-           json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")  # fmt: skip
-    _write(ROOT / "benchmarks" / "vit_cifar10.md", _render(rows, meta, fp_top1))
+    meta = {**run_meta("vit_cifar10.py"), "calib_images": args.calib, "iters": args.iters}
+    write_outputs("vit_cifar10", {"meta": meta, "rows": rows}, _render(rows, meta, fp_top1))
     return 0
-
-
-def _meta(args) -> dict:
-    flags = subprocess.run(
-        "grep -o 'avx2\\|avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo | sort -u",
-        shell=True, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    import onnxruntime
-
-    return {
-        "command": "python benchmarks/vit_cifar10.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu_flags": " ".join(flags),
-        "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
-        "commit": commit,
-        "onnxruntime": onnxruntime.__version__,
-        "calib_images": args.calib,
-        "iters": args.iters,
-    }
 
 
 def _render(rows: list[dict], meta: dict, fp: float) -> str:
@@ -261,12 +240,6 @@ def _render(rows: list[dict], meta: dict, fp: float) -> str:
             f"{r.get('calibrate_s', '')} | {latency} |"
         )
     return "\n".join(out) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
