@@ -303,7 +303,7 @@ def test_export_of_missing_qmodel(tmp_path: Path):
 
 
 class WithLayerNorm(torch.nn.Module):
-    """A model with a layer qcli does not quantize (module level: torch.save pickles it)."""
+    """A model with a layer that has no integer kernel (module level: torch.save pickles it)."""
 
     def __init__(self):
         super().__init__()
@@ -314,21 +314,17 @@ class WithLayerNorm(torch.nn.Module):
         return self.norm(self.conv(x)).mean((2, 3))
 
 
-def test_unsupported_layer_is_named(tmp_path: Path, images: Path):
+def test_float_layer_runs_in_float_and_strict_names_it(tmp_path: Path, images: Path):
     path = tmp_path / "odd.pt"
     torch.save(WithLayerNorm(), path)
-    code, _, err = run(
-        "calibrate",
-        path,
-        "--trust-pickle",
-        "--image-size",
-        "32",
-        "--data",
-        images,
-        "--out",
-        tmp_path / "o.qcli",
-    )
+    args = ["calibrate", path, "--trust-pickle", "--image-size", "32", "--data", images]
+    code, out, err = run(*args, "--out", tmp_path / "o.qcli", "--json")
+    assert code == 0, err
+    # the mean produces the logits, which stay float: it runs in float as well
+    assert json.loads(out)["ops"]["float_ops"] == {"layer_norm": 1, "mean": 1}
+    code, _, err = run(*args, "--strict", "--out", tmp_path / "s.qcli")
     assert code == 1 and "'norm'" in err and "LayerNorm" in err
+    assert not (tmp_path / "s.qcli").exists()
 
 
 @pytest.mark.shared

@@ -71,6 +71,7 @@ TOL_LAYERWISE = 1e-4
 class Arch:
     spec: str
     size: int  # input height = width
+    kwargs: tuple[tuple[str, object], ...] = ()  # smaller variants of the same architecture
 
 
 ARCHS = {
@@ -82,10 +83,22 @@ ARCHS = {
     # the builtin effl0 architecture: TF 'same' padding (asymmetric pads), ReLU6
     "tf_efficientnet_lite0": Arch("timm:tf_efficientnet_lite0", 64),
     "resnet20": Arch("resnet20", 32),  # CIFAR ResNet-20 of qcli.models.resnet_cifar
+    # transformers and modern CNNs: LayerNorm, softmax and GELU in float, q·kᵀ and
+    # attention·v as integer MatMuls, transpose/roll/chunk passing quantized values through
+    "vit": Arch(
+        "timm:vit_tiny_patch16_224", 32, (("img_size", 32), ("patch_size", 8), ("depth", 2))
+    ),
+    "swin": Arch(
+        "timm:swin_tiny_patch4_window7_224",
+        64,
+        (("img_size", 64), ("window_size", 2), ("depths", (2, 2, 2, 2)), ("embed_dim", 32)),
+    ),
+    "convnext": Arch("timm:convnext_atto", 64),  # channels-first LayerNorm2d
+    "shufflenet": Arch("torchvision:shufflenet_v2_x0_5", 64),  # channel shuffle, chunk
 }
 
 
-def _build(spec: str) -> nn.Module:
+def _build(spec: str, kwargs: tuple = ()) -> nn.Module:
     if spec == "resnet20":
         cifar = pytest.importorskip("qcli.models.resnet_cifar")
         return cifar.resnet20(num_classes=NUM_CLASSES)
@@ -93,7 +106,7 @@ def _build(spec: str) -> nn.Module:
     if source == "timm":
         import timm
 
-        return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+        return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **dict(kwargs))
     import torchvision
 
     return getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
@@ -104,13 +117,14 @@ def prepared(key: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A random-weight model with sensible activations, calibration inputs, check inputs.
 
     Random init alone is degenerate (timm zero-inits the last BN gamma of residual blocks;
-    torchvision's classifier has std 0.01), so: BN gamma U(0.5, 1.5), beta N(0, 0.1), BN
-    running statistics measured on the calibration batch (activations stay normalized
-    through the depth), classifier weights N(0, 1/fan_in).
+    torchvision's classifier has std 0.01; a ViT's class token is ~1e-6, which LayerNorm
+    divides by its own ~0 spread), so: BN gamma U(0.5, 1.5), beta N(0, 0.1), BN running
+    statistics measured on the calibration batch (activations stay normalized through the
+    depth), classifier weights N(0, 1/fan_in), token embeddings N(0, 1).
     """
     arch = ARCHS[key]
     torch.manual_seed(0)
-    model = _build(arch.spec)
+    model = _build(arch.spec, arch.kwargs)
     g = torch.Generator().manual_seed(1)
     x_cal = torch.randn(BATCH, 3, arch.size, arch.size, generator=g)
     x_check = torch.randn(BATCH, 3, arch.size, arch.size, generator=g)
@@ -127,6 +141,9 @@ def prepared(key: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 m.weight.normal_(0.0, m.in_features**-0.5, generator=g)
+        for name, p in model.named_parameters():
+            if name in ("cls_token", "pos_embed"):
+                p.normal_(0.0, 1.0, generator=g)
         logits = model(x_check)
     assert float(logits.max() - logits.min()) > 1.0, "degenerate float model"
     return model, x_cal, x_check
@@ -245,7 +262,10 @@ def check_structure(model: onnx.ModelProto, qg: QuantGraph, storage: str = "int8
 # -- 1. exact grid: every architecture, optimized and reference ---------------------------
 
 EXACT_CASES = [
-    *[(key, "w8a8", "minmax", "int8") for key in ARCHS],
+    # Not Swin: its float ops (LayerNorm, a softmax over 4-token windows, GELU) round
+    # differently in onnxruntime and PyTorch, and on this tiny variant one such flip
+    # cascades to 2% of the logit range; the layerwise case below checks it op by op.
+    *[(key, "w8a8", "minmax", "int8") for key in ARCHS if key != "swin"],
     ("resnet18", "w4a8", "minmax", "int8"),
     ("resnet18", "w4a8", "minmax", "int4"),
     ("resnet18", "w4a4", "minmax", "int8"),
@@ -343,6 +363,11 @@ LAYERWISE_CASES = [
     ("resnet18", "w2a4", "minmax", False),
     ("tf_efficientnet_lite0", "w4a4", "minmax", False),
     ("resnet20", "w4a4", "mse", True),  # MSE activation ranges: slow (~10 s), so once
+    ("vit", "w8a8", "minmax", True),
+    ("vit", "w4a8", "minmax", False),
+    ("swin", "w8a8", "minmax", True),
+    ("convnext", "w8a8", "minmax", True),
+    ("shufflenet", "w8a8", "minmax", True),
 ]
 
 

@@ -540,29 +540,39 @@ def test_keep_fp_unknown_name():
         capture(small_net(), (3, 8, 8), QuantPlan(keep_fp=("no_such_layer",)))
 
 
-def test_unsupported_upsample_is_named():
+def test_unknown_module_runs_in_float_and_is_named():
+    """An op outside the table (Upsample) is not refused: it runs in float between DQ and
+    Q, the report names it, and its output is quantized like any compute op's."""
     net = small_net(tail=nn.Sequential(nn.Upsample(scale_factor=2)))
-    with pytest.raises(QcliError) as e:
-        capture(net, (3, 8, 8), BitConfig(8, 8))
-    assert "tail.0" in str(e.value)
-    assert "Upsample" in str(e.value)
+    qg = capture(net, (3, 8, 8), BitConfig(8, 8))
+    report = qg.op_report()
+    # the block's residual add feeds only the float Upsample: it is not requantized either
+    assert report["float_ops"] == {"Upsample": 1, "add": 1}
+    assert any("tail.0" in node for node in report["float_nodes"])
+    assert "act_quant.tail_0" in dict(qg.act_quantizers())
 
 
-def test_unsupported_lstm_is_named():
-    class WithLSTM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.head = nn.Sequential(nn.LSTM(4, 5, batch_first=True))
+class WithLSTM(nn.Module):
+    """A recurrent head: nn.LSTM returns (y, (h, c)), a nested tuple of tensors."""
 
-        def forward(self, x):
-            y, _ = self.head(self.conv(x).flatten(2).permute(0, 2, 1))
-            return y[:, -1]
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.LSTM(4, 5, batch_first=True))
 
-    with pytest.raises(QcliError) as e:
-        capture(WithLSTM().eval(), (3, 4, 4), BitConfig(8, 8))
-    assert "head.0" in str(e.value)
-    assert "LSTM" in str(e.value)
+    def forward(self, x):
+        y, (h, _) = self.head(self.conv(x).flatten(2).permute(0, 2, 1))
+        return y[:, -1] + h[0]
+
+
+def test_lstm_runs_in_float_with_its_outputs_quantized():
+    qg = capture(WithLSTM().eval(), (3, 4, 4), BitConfig(8, 8))
+    report = qg.op_report()
+    assert report["float_ops"] == {"LSTM": 1, "add": 1}  # the add makes the float logits
+    assert any("head.0" in node for node in report["float_nodes"])
+    quantized = {n for n, _ in qg.act_quantizers()}
+    # y = out[0] and h = out[1][0], each quantized after the LSTM (out[1] is a tuple)
+    assert {"act_quant.getitem", "act_quant.getitem_2"} <= quantized
 
 
 def test_capture_leaves_logits_float_and_runs_quantized():

@@ -520,10 +520,30 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 def write_outputs(suite: str, payload: dict[str, Any] | None, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if payload is not None:
-        (RESULTS / f"{suite}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        _replace(RESULTS / f"{suite}.json", json.dumps(payload, indent=2) + "\n")
         log(f"wrote benchmarks/results/{suite}.json")
-    (BENCH / f"{suite}.md").write_text(markdown.rstrip() + "\n")
+    _replace(BENCH / f"{suite}.md", markdown.rstrip() + "\n")
     log(f"wrote benchmarks/{suite}.md")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write beside, then rename: an interrupted run leaves the previous table intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_meta(script: str) -> dict[str, Any]:
+    """Provenance of a standalone benchmark script's run, for its JSON and its table."""
+    env = environment()
+    return {
+        **env,
+        "command": f"python benchmarks/{script} " + " ".join(os.sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu_flags": " ".join(env["cpu_flags"]),
+        "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "commit": env["git_commit"][:7],
+    }
 
 
 def write_partial(ctx: Context, body: dict[str, Any]) -> None:

@@ -169,6 +169,12 @@ int8_widen_option = click.option(
     "the full int8 grid back (uint8 weights in u8×u8 kernels: exact everywhere, about half "
     "the speed for those layers) [0.2].",
 )
+strict_option = click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse the model if any op has no integer kernel (by default such ops, e.g. "
+    "LayerNorm, Softmax, GELU, run in float between DequantizeLinear and QuantizeLinear).",
+)
 weight_storage_option = click.option(
     "--weight-storage",
     type=click.Choice(WEIGHT_STORAGES),
@@ -302,6 +308,7 @@ def _quantize_rows(r: dict) -> list[tuple]:
     rows = [
         ("model", r["model"]),
         ("bits / method", f"{r['bits']} / {r['method']}"),
+        *_ops_rows(r.get("calibrate", {}).get("ops")),
         ("evaluated on", r["eval_data"]),
         ("top-1 FP -> quantized", f"{_pct(fp['top1'])} -> {_pct(q['top1'])}"),
         ("agreement with FP", _pct(q.get("agreement_with_reference"))),
@@ -312,6 +319,19 @@ def _quantize_rows(r: dict) -> list[tuple]:
         ("size FP -> ONNX", f"{_mb(fp.get('bytes'))} -> {_mb(q.get('bytes'))}"),
         ("output", f"{r['out']}/model.onnx"),
     ]
+    return rows
+
+
+def _ops_rows(ops: dict | None) -> list[tuple]:
+    """What runs in integer kernels and what in float (capture's op report)."""
+    if not ops:
+        return []
+    rows = [("integer kernels", f"{ops['integer_ops']} of {ops['compute_ops']} compute ops")]
+    if ops["float_ops"]:
+        counts = ", ".join(f"{k} ×{v}" for k, v in ops["float_ops"].items())
+        rows.append(("float (DQ -> op -> Q)", counts))
+    if ops.get("float_leaves"):
+        rows.append(("untraceable, float", ", ".join(ops["float_leaves"])))
     return rows
 
 
@@ -413,6 +433,7 @@ def _mb(v) -> str:
 @int8_range_option
 @int8_widen_option
 @weight_storage_option
+@strict_option
 @model_options
 @data_options(required=False)
 @common
@@ -437,6 +458,7 @@ def quantize(
     int8_range,
     int8_widen_share,
     weight_storage,
+    strict,
     seed,
     ui,
     **kw,
@@ -483,6 +505,7 @@ def quantize(
         weight_storage=weight_storage,
         mixed=mixed,
         metaaug=metaaug,
+        strict=strict,
     )
     return run(cfg, ui)
 
@@ -655,8 +678,10 @@ def _calibrate_rows(r: dict) -> list[tuple]:
         rows = [("model", r["model"]), ("granularity", r["granularity"])]
         rows.append(("units", len(r["units"])))
         return rows + _mrecg_rows(r.get("mrecg"))
+    if "ops" in r and "out" not in r:  # --show-float
+        return [("model", r["model"]), *_ops_rows(r["ops"])]
     keys = ["out", "model", "bits", "method", "layers", "activation_quantizers", "images"]
-    rows = _kv(keys)(r)
+    rows = _kv(keys)(r) + _ops_rows(r.get("ops"))
     units = r.get("reconstruction", {}).get("units")
     if units:
         steps = sorted(u["steps"] for u in units)
@@ -795,6 +820,13 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     is_flag=True,
     help="Print the reconstruction units and exit (no --data, except MRECG's loss capacity).",
 )
+@click.option(
+    "--show-float",
+    is_flag=True,
+    help="Print the ops that have no integer kernel (they run in float between "
+    "DequantizeLinear and QuantizeLinear) and exit; needs no --data.",
+)
+@strict_option
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
 @click.option(
     "--bit-config",
@@ -833,6 +865,8 @@ def calibrate(
     bn_tune,
     bias_tune,
     show_units,
+    show_float,
+    strict,
     keep_fp,
     bit_config,
     int8_range,
@@ -854,13 +888,14 @@ def calibrate(
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --limit 128 --bits w4a4 --method qdrop --metaaug --meta-iters 50 --out r20-meta.qcli
       qcli calibrate builtin:efficientnet_lite0 --method brecq --show-units
+      qcli calibrate timm:vit_tiny_patch16_224 --show-float   # what stays in float
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --limit 1024 --bits w2a4 --method qdrop --granularity mrecg --merges 2 \\
           --plot r20-loss.png --out r20-w2a4.qcli   # MRECG, loss profile as a PNG
       qcli calibrate builtin:resnet20_cifar10 --weights r20.th --data cifar10/train \\
           --bit-config bits.json --method adaround --out r20-mixed.qcli   # mixed precision
     """
-    from qcli.stages.calibrate import CalibrateConfig, show_units_of
+    from qcli.stages.calibrate import CalibrateConfig, show_float_of, show_units_of
     from qcli.stages.calibrate import calibrate as run
 
     if bit_config is not None:
@@ -900,9 +935,12 @@ def calibrate(
         bit_config=bit_config,
         plot=plot,
         widen_share=_widen_share(int8_widen_share, int8_range, None if bit_config else bits),
+        strict=strict,
     )
     if show_units:
         return show_units_of(cfg, granularity, ui)
+    if show_float:
+        return show_float_of(cfg, ui)
     if data is None:
         raise UsageError("calibrate needs --data (calibration images)")
     if out is None:

@@ -120,7 +120,8 @@ class PairSumViolation:
 
 
 def pair_sum_violations(model: onnx.ModelProto | str | Path) -> list[PairSumViolation]:
-    """Every u8×s8 Conv/Gemm/MatMul whose worst pair sum exceeds int16 (a static property).
+    """Every u8×s8 Conv/Gemm/MatMul whose worst pair sum exceeds int16 (a static property),
+    and every activation × activation MatMul with a signed input.
 
     Looks at the integers stored in the file: the weight DequantizeLinear's int8 initializer
     and the uint8 QuantizeLinear (behind an optional Clip) that feeds the input.
@@ -134,6 +135,11 @@ def pair_sum_violations(model: onnx.ModelProto | str | Path) -> list[PairSumViol
     for n in g.node:
         if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
             continue
+        if n.op_type == "MatMul" and _int_weight(producer, inits, n.input[1]) is None:
+            v = _activation_product(n, producer, inits)
+            if v is not None:
+                out.append(v)
+            continue
         w = _int_weight(producer, inits, n.input[1])
         a_max = _uint8_input_max(producer, inits, n.input[0])
         if w is None or w.dtype != np.int8 or a_max is None:
@@ -146,6 +152,28 @@ def pair_sum_violations(model: onnx.ModelProto | str | Path) -> list[PairSumViol
         if worst > INT16_MAX:
             out.append(PairSumViolation(n.name or n.output[0], worst, a_max))
     return out
+
+
+def _activation_product(n: onnx.NodeProto, producer: dict, inits: dict) -> PairSumViolation | None:
+    """An activation × activation MatMul (attention): exact everywhere when both inputs are
+    uint8 (MLAS widens u8×u8 to int16 and never saturates); a signed input makes it u8×s8 or
+    s8×s8, whose pair sums can reach 2·255·128 and saturate int16 on AVX2."""
+    dtypes = [_activation_dtype(producer, inits, name) for name in n.input[:2]]
+    if None in dtypes or all(d == np.uint8 for d in dtypes):
+        return None
+    worst = 2 * U8_MAX * 128
+    return PairSumViolation(n.name or n.output[0], worst, U8_MAX)
+
+
+def _activation_dtype(producer: dict, inits: dict, name: str):
+    """The integer type of a quantized activation input (through data movement), or None."""
+    node = producer.get(name)
+    while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        return None
+    zp = inits.get(node.input[2])
+    return None if zp is None else numpy_helper.to_array(zp).dtype
 
 
 def _weight_is_in_by_out(n: onnx.NodeProto, producer: dict) -> bool:

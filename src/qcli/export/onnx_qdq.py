@@ -26,6 +26,7 @@ Storage:
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ from torch import fx, nn
 
 from qcli import __version__
 from qcli.errors import QcliError
-from qcli.export import kernels
+from qcli.export import fallback, kernels
 from qcli.quant import ops
 from qcli.quant.capture import QuantGraph, hardtanh_bounds, pairs_products
 from qcli.quant.modules import QConv2d, QLinear
@@ -194,8 +195,10 @@ def to_onnx(qg: QuantGraph, weight_storage: str = "int8") -> onnx.ModelProto:
             w.names.add(INPUT_NAME)
         elif n.op == "output":
             outputs.append(_arg(env, n.args[0]))
-        elif n.op == "get_attr" or "tensor_meta" not in n.meta:
-            raise QcliError(f"cannot export {ops.describe(n, mods)}: not a tensor operation")
+        elif "tensor_meta" not in n.meta:
+            continue  # shape arithmetic and assertions: constants of the traced shapes
+        elif n.op == "get_attr":
+            env[n] = w.const(f"{n.name}_const", _attr(gm, n.target).detach().float().cpu().numpy())
         else:
             env[n] = _emit(w, n, mods, env)
     if len(outputs) != 1:
@@ -232,27 +235,36 @@ def to_onnx(qg: QuantGraph, weight_storage: str = "int8") -> onnx.ModelProto:
 
 
 def _arg(env: dict, a) -> str:
-    if not isinstance(a, fx.Node):
-        raise QcliError(f"unexpected non-tensor graph argument {a!r}")
+    if not isinstance(a, fx.Node) or not isinstance(env.get(a), str):
+        raise QcliError(f"qcli exports models with exactly one output tensor, not {a!r}")
     return env[a]
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _shape(n: fx.Node) -> tuple[int, ...]:
     return tuple(n.meta["tensor_meta"].shape)
 
 
-def _emit(w: _Writer, n: fx.Node, mods: dict[str, nn.Module], env: dict) -> str:
+def _emit(w: _Writer, n: fx.Node, mods: dict[str, nn.Module], env: dict) -> str | list[str]:
     op = ops.classify(n, mods)
-    if op is None:
-        raise QcliError(f"cannot export {ops.describe(n, mods)}: unsupported operation")
     hint = str(n.target) if n.op == "call_module" else n.name
     x = env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
     m = mods.get(n.target) if n.op == "call_module" else None
-    handler = _HANDLERS.get(op.name)
-    if handler is None:
-        raise QcliError(f"cannot export {ops.describe(n, mods)}: no ONNX writer for '{op.name}'")
+    handler = _HANDLERS.get(op.name, fallback.write)
+    if isinstance(x, list):  # one output of a node with several, written with it
+        if n.op != "call_function" or n.target is not operator.getitem:
+            raise QcliError(f"cannot export {ops.describe(n, mods)}: it takes a tuple")
+        return x[n.args[1]]
     out = handler(w, n, m, x, env, hint)
-    if op.kind == ops.PASSTHROUGH and x is not None:
+    if op.kind == ops.PASSTHROUGH and isinstance(x, str):
+        if isinstance(out, list):
+            return [w.restate_grid(x, o, f"{hint}_{i}") for i, o in enumerate(out)]
         out = w.restate_grid(x, out, hint)
     return out
 
@@ -451,38 +463,125 @@ def _flatten(w, n, m, x, env, hint):
         else (n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1))
     )
     rank = len(_shape(n.args[0]))
-    if end % rank == rank - 1:
-        return w.op("Flatten", [x], hint, axis=int(start))
+    if end % rank == rank - 1 and start % rank == 1:  # ONNX Flatten always gives 2-D
+        return w.op("Flatten", [x], hint, axis=1)
     return _reshape(w, n, m, x, env, hint)
 
 
+def _runtime_shape(w: _Writer, n: fx.Node, hint: str) -> str:
+    """n's output shape as an int64 tensor; axes that grow with the batch (seen by capture at
+    batch 1 and 2) are computed from the input's batch size at run time."""
+    one, two = _shape(n), n.meta["shape2"]
+    fixed = np.array(one, dtype=np.int64)
+    dynamic = [i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b]
+    if not dynamic:
+        return w.const(f"{hint}_shape", fixed, TensorProto.INT64)
+    if any(two[i] != 2 * one[i] for i in dynamic):
+        raise QcliError(f"cannot export '{hint}': its shape does not grow with the batch")
+    batch = w.op("Shape", [INPUT_NAME], f"{hint}_batch", start=0, end=1)
+    parts, start = [], 0
+    for i in dynamic:
+        if i > start:
+            parts.append(w.const(f"{hint}_dims", fixed[start:i], TensorProto.INT64))
+        per = w.const(f"{hint}_per_image", fixed[i : i + 1], TensorProto.INT64)
+        parts.append(w.op("Mul", [batch, per], f"{hint}_dim{i}"))
+        start = i + 1
+    if start < len(one):
+        parts.append(w.const(f"{hint}_dims", fixed[start:], TensorProto.INT64))
+    return w.op("Concat", parts, f"{hint}_shape", axis=0)
+
+
 def _reshape(w, n, m, x, env, hint):
-    shape = list(_shape(n))
-    shape[0] = -1 if _shape(n.args[0])[0] == shape[0] else shape[0]
-    s = w.const(f"{hint}_shape", np.array(shape, dtype=np.int64), TensorProto.INT64)
-    return w.op("Reshape", [x, s], hint)
+    return w.op("Reshape", [x, _runtime_shape(w, n, hint)], hint)
+
+
+def _expand(w, n, m, x, env, hint):
+    return w.op("Expand", [x, _runtime_shape(w, n, hint)], hint)
+
+
+def _transpose(w, n, m, x, env, hint):
+    rank = len(_shape(n.args[0]))
+    a, b = (int(d) % rank for d in (n.args[1:3] if len(n.args) > 2 else n.kwargs.values()))
+    perm = list(range(rank))
+    perm[a], perm[b] = perm[b], perm[a]
+    return w.op("Transpose", [x], hint, perm=perm)
 
 
 def _getitem(w, n, m, x, env, hint):
+    """Basic indexing: slices, integers (a slice then a squeeze), None and one Ellipsis."""
     idx = n.args[1]
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    starts, ends, axes, steps = [], [], [], []
-    for axis, sl in enumerate(idx):
-        if sl is Ellipsis or not isinstance(sl, slice):
-            raise QcliError(f"cannot export '{hint}': only plain slicing of tensors is supported")
-        if sl == slice(None):
+    idx = list(idx) if isinstance(idx, tuple) else [idx]
+    rank = len(_shape(n.args[0]))
+    if any(not isinstance(i, slice | int | type(None) | type(Ellipsis)) for i in idx):
+        raise QcliError(f"cannot export '{hint}': only basic indexing of tensors is supported")
+    if Ellipsis in idx:
+        at = idx.index(Ellipsis)
+        fill = rank - sum(1 for i in idx if i is not None and i is not Ellipsis)
+        idx[at : at + 1] = [slice(None)] * fill
+    starts, ends, axes, steps, drop, new = [], [], [], [], [], []
+    axis = 0
+    for i in idx:
+        if i is None:
+            new.append(axis + len(new) - len(drop))
             continue
-        starts.append(sl.start or 0)
-        ends.append(sl.stop if sl.stop is not None else np.iinfo(np.int64).max)
-        axes.append(axis)
-        steps.append(sl.step or 1)
-    if not axes:
-        return w.op("Identity", [x], hint)
-    consts = [
-        w.const(f"{hint}_{k}", np.array(v, dtype=np.int64), TensorProto.INT64)
-        for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))
-    ]
-    return w.op("Slice", [x, *consts], hint)
+        if isinstance(i, int):
+            sl, _ = slice(i, i + 1 if i != -1 else None), drop.append(axis)
+        else:
+            sl = i
+        if sl != slice(None):
+            starts.append(sl.start or 0)
+            ends.append(sl.stop if sl.stop is not None else np.iinfo(np.int64).max)
+            axes.append(axis)
+            steps.append(sl.step or 1)
+        axis += 1
+    out = x
+    if axes:
+        consts = [
+            w.const(f"{hint}_{k}", np.array(v, dtype=np.int64), TensorProto.INT64)
+            for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))
+        ]
+        out = w.op("Slice", [out, *consts], f"{hint}_slice")
+    if drop or new:  # a reshape to the indexed shape removes and adds the unit axes
+        return w.op("Reshape", [out, _runtime_shape(w, n, hint)], hint)
+    return w.op("Identity", [out], hint) if out is x else out
+
+
+def _matmul(w, n, m, x, env, hint):
+    return w.op("MatMul", [env[n.args[0]], env[n.args[1]]], hint)
+
+
+def _softmax(w, n, m, x, env, hint):
+    dim = m.dim if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim"))
+    if dim is None:
+        raise QcliError(f"cannot export '{hint}': softmax without a dim")
+    return w.op("Softmax", [x], hint, axis=int(dim))
+
+
+def _attention_softmax(w, n, m, x, env, hint):
+    scaled = w.op("Mul", [x, w.const(f"{hint}_scale", np.float32(n.args[1]))], f"{hint}_scaled")
+    mask = n.args[2] if len(n.args) > 2 else n.kwargs.get("mask")
+    if mask is not None:
+        scaled = w.op("Add", [scaled, env[mask]], f"{hint}_masked")
+    return w.op("Softmax", [scaled], hint, axis=-1)
+
+
+def _layer_norm(w, n, m, x, env, hint):
+    if m is not None:
+        shape, eps = tuple(m.normalized_shape), m.eps
+        weight = m.weight.detach().float().numpy() if m.weight is not None else None
+        bias = m.bias.detach().float().numpy() if m.bias is not None else None
+        scale = w.const(f"{hint}_scale", weight if weight is not None else np.ones(shape))
+        names = [scale] + ([w.const(f"{hint}_bias", bias)] if bias is not None else [])
+    else:
+        args = [*n.args[1:], None, None, None]
+        shape = tuple(args[0])
+        weight = args[1] if args[1] is not None else n.kwargs.get("weight")
+        bias = args[2] if args[2] is not None else n.kwargs.get("bias")
+        eps = args[3] if args[3] is not None else n.kwargs.get("eps", 1e-5)
+        names = [env[weight] if weight is not None else w.const(f"{hint}_scale", np.ones(shape))]
+        if bias is not None:
+            names.append(env[bias])
+    return w.op("LayerNormalization", [x, *names], hint, axis=-len(shape), epsilon=float(eps))
 
 
 def _pad(w, n, m, x, env, hint):
@@ -540,4 +639,10 @@ _HANDLERS = {
     "permute": _permute,
     "squeeze": _reshape,
     "unsqueeze": _reshape,
+    "matmul": _matmul,
+    "layer_norm": _layer_norm,
+    "softmax": _softmax,
+    "attention_softmax": _attention_softmax,
+    "transpose": _transpose,
+    "expand": _expand,
 }

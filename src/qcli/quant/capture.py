@@ -3,10 +3,15 @@
 Steps, each a small pass over a torch.fx graph:
 1. rewrite modules fx or ONNX cannot take as they are (timm's dynamic 'same' padding conv,
    BatchNorm fused with its activation) into plain equivalents;
-2. trace, with conv/linear/BN/activations/pools as leaves;
-3. fold every BatchNorm that follows a conv into that conv;
-4. swap conv/linear for QConv2d/QLinear (weight quantizers);
-5. insert an activation quantizer wherever an integer deployment has one (ops.py says where).
+2. trace, with conv/linear/BN/activations/pools as leaves; a submodule fx cannot trace (Python
+   control flow on values) becomes a float leaf, named in `QuantGraph.float_leaves`;
+3. fold what depends on parameters only (Swin's relative position bias) into constants, and
+   split scaled-dot-product attention into two MatMuls around a float softmax;
+4. fold every BatchNorm that follows a conv into that conv;
+5. swap conv/linear for QConv2d/QLinear (weight quantizers);
+6. insert an activation quantizer wherever an integer deployment has one (ops.py says where):
+   after every compute op, integer or float, so float ops run between DequantizeLinear and
+   QuantizeLinear and data movement passes quantized values through.
 The result is the simulation: running it is running the quantized model.
 """
 
@@ -14,10 +19,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import math
+import operator
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -35,13 +45,16 @@ from qcli.quant.spec import (
     weight_spec,
 )
 
-_LEAVES = tuple(cls for cls, _ in ops._MODULES)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self, float_leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.float_leaves = float_leaves
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, _LEAVES):
+        if ops.module_op(m) is not None or qualname in self.float_leaves:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -56,6 +69,38 @@ class QuantGraph:
     # Paths of Sequential/ModuleList/ModuleDict in the original model: fx flattens the module
     # tree into plain modules, and the partition needs to tell blocks from containers.
     containers: frozenset[str] = frozenset()
+    # Submodules fx could not trace: they run in float as one op each (named for reports).
+    float_leaves: tuple[str, ...] = ()
+    # BatchNorm layers of the float model: BN tuning has running statistics to match only
+    # where there were some (LayerNorm keeps none).
+    batchnorm_layers: int = 0
+
+    def op_report(self) -> dict[str, object]:
+        """What runs where: compute ops in integer kernels against ops left in float, by name
+        (passthrough data movement and quantizers are not compute)."""
+        mods = dict(self.module.named_modules())
+        integer, floating, where = 0, Counter(), []
+        for n in self.module.graph.nodes:
+            op = ops.classify(n, mods)
+            if op is None or op.kind in (ops.PASSTHROUGH, ops.QUANT) or not _produces_tensor(n):
+                continue
+            if n.target is operator.getitem:
+                continue  # one output of a float op counted already
+            if op.name in ("relu", "relu6") or _kind(n, mods) == ops.FUSABLE:
+                continue  # clips fused into the integer kernel before them
+            if _runs_integer(n, op, mods, self.keep_fp):
+                integer += 1
+            else:
+                floating[ops.op_label(n, mods)] += 1
+                where.append(f"{ops.describe(n, mods)}: {ops.op_label(n, mods)}")
+        total = integer + sum(floating.values())
+        return {
+            "compute_ops": total,
+            "integer_ops": integer,
+            "float_ops": dict(floating.most_common()),
+            "float_nodes": where,
+            "float_leaves": list(self.float_leaves),
+        }
 
     @property
     def plan(self) -> QuantPlan:
@@ -156,8 +201,13 @@ def capture(
     containers = frozenset(
         name for name, m in model.named_modules() if isinstance(m, _CONTAINERS) and name
     )
-    gm = _trace(model)
-    _check_supported(gm, example)
+    gm, float_leaves = _trace(model)
+    values = _propagate_shapes(gm, example, keep_values=True)
+    _fold_constants(gm, values)
+    _bake_static_values(gm)
+    _split_attention(gm)
+    _propagate_shapes(gm, example)
+    _check_layers(gm)
     _fold_batchnorm(gm)
     _check_names(gm, keep, "--keep-fp")
     _check_names(gm, tuple(dict(plan.weights)), "bit allocation")
@@ -167,7 +217,7 @@ def capture(
     _check_names(gm, tuple(weight_specs), "plan")
     specs = {
         name: weight_specs.get(name) or weight_spec(plan.layer_weight_bits(name))
-        for name, m in gm.named_modules()
+        for name, m in _called_modules(gm)
         if isinstance(m, nn.Conv2d | nn.Linear) and name not in keep
     }
     _quantize_layers(gm, specs)
@@ -177,7 +227,8 @@ def capture(
     gm.graph.lint()
     gm.recompile()
     _propagate_shapes(gm, example)
-    return QuantGraph(gm, plan, tuple(input_shape), containers)
+    batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return QuantGraph(gm, plan, tuple(input_shape), containers, float_leaves, batchnorms)
 
 
 # -- 1. module rewrites ---------------------------------------------------------------------
@@ -240,45 +291,260 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 # -- 2. trace -------------------------------------------------------------------------------
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def _trace(model: nn.Module) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """Trace with fx; each submodule fx cannot follow becomes a float leaf (the deepest one
+    that fails on its own), so only the model's own top-level control flow is refused."""
+    for m in model.modules():
+        ops.module_op(m)  # checks a conv/linear subclass's forward now, not while tracing
+    leaves: set[str] = set()
+    while True:
+        try:
+            graph = _Tracer(frozenset(leaves)).trace(model, concrete_args=_defaults(model))
+            _drop_guards(graph)
+            return fx.GraphModule(model, graph), tuple(sorted(leaves))
+        except Exception as e:  # fx raises many types; the user needs the first line only
+            culprit = _untraceable(model, "", leaves)
+            if culprit is None:
+                raise QcliError(
+                    f"cannot trace model {type(model).__name__} into a graph "
+                    f"({_first_line(e)}); its top-level forward has data-dependent control "
+                    "flow, which torch.fx cannot follow"
+                ) from e
+            leaves.add(culprit)
+
+
+def _defaults(model: nn.Module) -> dict[str, object]:
+    """Optional forward arguments after the image (timm's `attn_mask=None`) at their
+    defaults: the deployed model takes one input."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+    }
+
+
+def _drop_guards(graph: fx.Graph) -> None:
+    """Remove the placeholders of arguments fixed at their defaults with the checks fx adds
+    on them: only the image is an input."""
+    for p in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        closure, frontier = [p], [p]
+        while frontier:
+            for u in frontier.pop().users:
+                if u not in closure:
+                    closure.append(u)
+                    frontier.append(u)
+        for n in sorted(closure, key=lambda n: -_position(graph, n)):
+            graph.erase_node(n)
+
+
+def _position(graph: fx.Graph, node: fx.Node) -> int:
+    return next(i for i, n in enumerate(graph.nodes) if n is node)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _untraceable(module: nn.Module, prefix: str, leaves: set[str]) -> str | None:
+    """The path of a submodule that fx cannot trace alone, as deep as it goes."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        known = path in leaves or ops.module_op(child) is not None
+        if known or not list(child.children()):
+            if known or _traces(child, path, leaves):
+                continue
+            return path
+        if not _traces(child, path, leaves):
+            return _untraceable(child, path, leaves) or path
+    return None
+
+
+def _traces(module: nn.Module, path: str, leaves: set[str]) -> bool:
+    inner = frozenset(p.removeprefix(path + ".") for p in leaves if p.startswith(path + "."))
     try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types; the user needs the first line only
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QcliError(
-            f"cannot trace model {type(model).__name__} into a graph ({first}); models with "
-            "data-dependent control flow are not supported"
-        ) from e
-    return fx.GraphModule(model, graph)
+        _Tracer(inner).trace(module, concrete_args=_defaults(module))
+    except Exception:
+        return False
+    return True
 
 
-def _check_supported(gm: fx.GraphModule, example: Tensor) -> None:
-    """Refuse, by layer name, any tensor op the quantizer and exporter do not know."""
-    _propagate_shapes(gm, example)
+def _called_modules(gm: fx.GraphModule) -> Iterator[tuple[str, nn.Module]]:
+    """Modules the graph calls (not the insides of float leaves)."""
     mods = dict(gm.named_modules())
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output", "get_attr"):
-            continue
-        if not _is_tensor(n) and n.op != "call_module":  # layers returning tuples: refused
-            continue
-        op = ops.classify(n, mods)
-        if op is None:
-            raise QcliError(f"{ops.describe(n, mods)} is not supported by qcli's quantizer")
-        if op.name == "conv" and mods[n.target].padding_mode != "zeros":
-            raise QcliError(f"{ops.describe(n, mods)} uses padding_mode other than zeros")
+        if n.op == "call_module":
+            yield n.target, mods[n.target]
 
 
-def _propagate_shapes(gm: fx.GraphModule, example: Tensor) -> None:
+def _check_layers(gm: fx.GraphModule) -> None:
+    for name, m in _called_modules(gm):
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            raise QcliError(
+                f"layer '{name}' ({type(m).__name__}) uses padding_mode other than zeros"
+            )
+
+
+def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    dep: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def _fold_constants(gm: fx.GraphModule, values: dict[fx.Node, object]) -> None:
+    """Replace tensors computed from parameters alone (an index into a bias table) by buffers:
+    they are constants of the deployed model, and the exporter writes them as such."""
+    dep = _input_dependent(gm)
+    folded = 0
+    for n in list(gm.graph.nodes):
+        value = values.get(n)
+        if n in dep or n.op == "get_attr" or not isinstance(value, Tensor):
+            continue
+        if not any(u in dep for u in n.users):
+            continue
+        name = f"_qcli_const_{folded}"
+        folded += 1
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(n):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(n.meta)
+        n.replace_all_uses_with(const)
+    if folded:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+_LITERALS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _literal(v) -> bool:
+    return isinstance(v, _LITERALS) or (isinstance(v, list | tuple) and all(_literal(x) for x in v))
+
+
+def _bake_static_values(gm: fx.GraphModule) -> None:
+    """Write shape arithmetic that does not depend on the batch (Swin's window padding, a
+    head's dims) into its users as literals: the traced input size is fixed. Values that
+    grow with the batch stay nodes; the exporter computes them at run time."""
+    for n in list(gm.graph.nodes):
+        if "value" not in n.meta or n.op == "placeholder":
+            continue
+        value = n.meta["value"]
+        value = tuple(value) if isinstance(value, torch.Size) else value
+        if not _literal(value) or n.meta["value"] != n.meta.get("value2"):
+            continue
+        for u in list(n.users):
+            u.args = fx.node.map_arg(u.args, lambda a, n=n, v=value: v if a is n else a)
+            u.kwargs = fx.node.map_arg(u.kwargs, lambda a, n=n, v=value: v if a is n else a)
+    _local_reshapes(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+_RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
+
+
+def _local_reshapes(gm: fx.GraphModule) -> None:
+    """A reshape to (B, N, C) with B read off another tensor's shape becomes (-1, N, C):
+    the same op, without an argument from elsewhere in the graph, so a reconstruction unit
+    holding the reshape runs on its own."""
+    for n in gm.graph.nodes:
+        if (n.op, n.target) not in _RESHAPES or "tensor_meta" not in n.meta:
+            continue
+        if not any(isinstance(a, fx.Node) for a in fx.node.map_aggregate(n.args[1:], lambda a: a)):
+            continue
+        one, two = tuple(n.meta["tensor_meta"].shape), n.meta["shape2"]
+        dynamic = [i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b]
+        if len(dynamic) == 1:
+            shape = [-1 if i in dynamic else d for i, d in enumerate(one)]
+            n.args = (n.args[0], tuple(shape))
+            n.kwargs = {}
+
+
+def _split_attention(gm: fx.GraphModule) -> None:
+    """scaled_dot_product_attention(q, k, v) -> matmul(q, kᵀ), attention_softmax, matmul(·, v):
+    the two products run in integer MatMul kernels, the softmax in float between them.
+    Causal, dropout, GQA and boolean masks stay one float op."""
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not F.scaled_dot_product_attention:
+            continue
+        q, k, v = n.args[:3]
+        kw = {**dict(zip(names, n.args[3:], strict=False)), **n.kwargs}
+        mask = kw.get("attn_mask")
+        if kw.get("dropout_p") or kw.get("is_causal") or kw.get("enable_gqa"):
+            continue
+        if isinstance(mask, fx.Node) and mask.meta["tensor_meta"].dtype == torch.bool:
+            continue
+        scale = kw.get("scale") or 1.0 / math.sqrt(q.meta["tensor_meta"].shape[-1])
+        g = gm.graph
+        with g.inserting_before(n):
+            kt = g.call_method("transpose", (k, -2, -1))
+            scores = g.call_function(torch.matmul, (q, kt))
+            probs = g.call_function(ops.attention_softmax, (scores, float(scale), mask))
+            out = g.call_function(torch.matmul, (probs, v))
+        n.replace_all_uses_with(out)
+        g.erase_node(n)
+    gm.recompile()
+
+
+class _Recorder(ShapeProp):
+    """ShapeProp that also keeps the values of non-tensor nodes (shape arithmetic) in
+    `meta[key]` and, given the input-`dependent` nodes, the tensors of all the others."""
+
+    def __init__(self, gm: fx.GraphModule, key: str, dependent: set[fx.Node] | None) -> None:
+        super().__init__(gm)
+        self.key, self.dependent, self.values = key, dependent, {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            if self.dependent is not None and n not in self.dependent:
+                self.values[n] = result
+        elif not _holds_tensor(result):
+            n.meta[self.key] = result
+        return result
+
+
+def _holds_tensor(v) -> bool:
+    return isinstance(v, Tensor) or (
+        isinstance(v, list | tuple) and any(_holds_tensor(x) for x in v)
+    )
+
+
+def _propagate_shapes(
+    gm: fx.GraphModule, example: Tensor, keep_values: bool = False
+) -> dict[fx.Node, object]:
+    """Shapes and non-tensor values of every node at batch 1, and the same at batch 2
+    (`meta["shape2"]`, `meta["value2"]`), from which the exporter tells the batch axis."""
     quantizers = [m for m in gm.modules() if isinstance(m, Quantizer)]
     try:
         with torch.no_grad(), quant_mode(quantizers, QuantMode.OFF):
-            ShapeProp(gm).propagate(example)
+            rec = _Recorder(gm, "value", _input_dependent(gm) if keep_values else None)
+            rec.propagate(example)
+            shapes = {n: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+            _Recorder(gm, "value2", None).propagate(example.repeat(2, *[1] * (example.dim() - 1)))
+            for n, meta in shapes.items():
+                if meta is not None:
+                    n.meta["shape2"] = _shapes(n.meta["tensor_meta"])
+                    n.meta["tensor_meta"] = meta
     except Exception as e:
         raise QcliError(
             f"the model does not run on an input of shape {tuple(example.shape[1:])} "
-            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-            "check --image-size"
+            f"({_first_line(e)}); check --image-size"
         ) from e
+    return rec.values
+
+
+def _shapes(meta):
+    if hasattr(meta, "shape"):
+        return tuple(meta.shape)
+    return tuple(_shapes(m) for m in meta) if isinstance(meta, list | tuple) else None
+
+
+def _produces_tensor(n: fx.Node) -> bool:
+    return "tensor_meta" in n.meta
 
 
 def _is_tensor(n: fx.Node) -> bool:
@@ -312,7 +578,7 @@ def _fold_batchnorm(gm: fx.GraphModule) -> None:
 
 
 def _check_names(gm: fx.GraphModule, names: tuple[str, ...], flag: str) -> None:
-    layers = {n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    layers = {n for n, m in _called_modules(gm) if isinstance(m, nn.Conv2d | nn.Linear)}
     for name in names:
         if name not in layers:
             raise QcliError(
@@ -356,7 +622,7 @@ def _narrow_weights(gm: fx.GraphModule, plan: QuantPlan, exact: set[str]) -> Non
 
 
 def _quantize_layers(gm: fx.GraphModule, specs: dict[str, QuantSpec]) -> None:
-    for name, m in list(gm.named_modules()):
+    for name, m in list(_called_modules(gm)):
         if isinstance(m, QConv2d | QLinear):
             continue
         if isinstance(m, nn.Conv2d | nn.Linear):
@@ -370,10 +636,11 @@ def _quantize_layers(gm: fx.GraphModule, specs: dict[str, QuantSpec]) -> None:
 def _insert_act_quantizers(gm: fx.GraphModule, plan: QuantPlan) -> None:
     mods = dict(gm.named_modules())
     kinds = {n: _kind(n, mods) for n in gm.graph.nodes}
+    floats = {n for n in gm.graph.nodes if kinds[n] == ops.COMPUTE and not _integer(n, mods)}
     named = {k: s for k, s in plan.specs if not k.endswith(WEIGHT_SUFFIX)}
     inserted = set()
     for n in list(gm.graph.nodes):
-        if _needs_quantizer(n, kinds, plan.keep_fp):
+        if _needs_quantizer(n, kinds, plan.keep_fp, floats):
             name = f"act_quant.{n.name}"
             bits = plan.act_quantizer_bits(name)
             spec = named.get(name) or activation_spec(bits, plan.signed_activations)
@@ -410,7 +677,25 @@ def hardtanh_bounds(n: fx.Node, mods: dict[str, nn.Module]) -> tuple[float, floa
     return float(lo), float(hi)
 
 
-def _needs_quantizer(n: fx.Node, kinds: dict, keep: tuple[str, ...]) -> bool:
+def _runs_integer(n: fx.Node, op: ops.Op, mods: dict[str, nn.Module], keep: tuple) -> bool:
+    """Whether onnxruntime runs this compute op in an integer kernel: it has one, its layer
+    is not kept float, and (but for MatMul, which onnxruntime also runs from integers to a
+    float output) its output is requantized, directly or after a fused clip."""
+    if not op.integer or (op.kind == ops.WEIGHTED and n.target in keep):
+        return False
+    if op.kind == ops.WEIGHTED or op.name == "matmul":
+        return True
+    while len(n.users) == 1 and _kind(next(iter(n.users)), mods) == ops.FUSABLE:
+        (n,) = n.users
+    return any(u.op == "call_module" and isinstance(mods[u.target], Quantizer) for u in n.users)
+
+
+def _integer(n: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    op = ops.classify(n, mods)
+    return op is not None and op.integer
+
+
+def _needs_quantizer(n: fx.Node, kinds: dict, keep: tuple[str, ...], floats: set) -> bool:
     kind = kinds[n]
     if kind not in ("input", ops.WEIGHTED, ops.COMPUTE, ops.FUSABLE):
         return False
@@ -418,6 +703,11 @@ def _needs_quantizer(n: fx.Node, kinds: dict, keep: tuple[str, ...]) -> bool:
         return False
     if _feeds_only_output(n, kinds):
         return False  # logits stay float: no integer kernel consumes them
+    if kind == ops.COMPUTE and _feeds_only(n, kinds, floats):
+        # Only float ops read it (Swin's bias + mask adds before softmax): requantizing
+        # would add error for no integer kernel, and DQ -> Softmax -> Q would become
+        # onnxruntime's table-based QLinearSoftmax, which computes something else.
+        return False
     fused = _sole_consumer_kind(n, kinds) == ops.FUSABLE
     return not (kind in (ops.WEIGHTED, ops.COMPUTE) and fused)
 
@@ -430,6 +720,14 @@ def _sole_consumer_kind(n: fx.Node, kinds: dict) -> str | None:
         if kinds.get(n) != ops.PASSTHROUGH:
             return kinds.get(n)
     return None
+
+
+def _feeds_only(n: fx.Node, kinds: dict, consumers: set) -> bool:
+    """Whether every op reading n, through passthroughs, is in `consumers`."""
+    return bool(n.users) and all(
+        u in consumers or (kinds.get(u) == ops.PASSTHROUGH and _feeds_only(u, kinds, consumers))
+        for u in n.users
+    )
 
 
 def _feeds_only_output(n: fx.Node, kinds: dict) -> bool:

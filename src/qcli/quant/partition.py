@@ -55,7 +55,7 @@ def _single_tensor_segments(graph: fx.Graph, order: list[fx.Node]) -> list[list[
         current.append(n)
         live.add(n)
         live = {m for m in live if last_use.get(m, -1) > i}
-        if live <= {n}:
+        if live <= {n} and batch_first(n):
             segments.append(current)
             current = []
     if current:
@@ -163,9 +163,10 @@ def layer_units(qg: QuantGraph, segment: Unit) -> list[Unit]:
         if not _is_layer(n, mods):
             continue
         run = [n]
+        rows = rows_per_image(n.args[0])
         while len(run[-1].users) == 1:
             (user,) = run[-1].users
-            if user.name not in inside or not _is_tail(user, mods):
+            if user.name not in inside or not _is_tail(user, mods, rows):
                 break
             run.append(user)
         units.append(
@@ -180,9 +181,32 @@ def layer_units(qg: QuantGraph, segment: Unit) -> list[Unit]:
     return units
 
 
-def _is_tail(n: fx.Node, mods: dict) -> bool:
+def rows_per_image(n: fx.Node) -> int | None:
+    """How many rows of axis 0 each image owns in n's output (1 for an image-first tensor,
+    the window count for Swin's windows), from the shapes capture saw at batch 1 and 2;
+    None when axis 0 is not the batch (attention's stacked (3, B, heads, N, d))."""
+    meta = n.meta.get("tensor_meta")
+    if not hasattr(meta, "shape") or "shape2" not in n.meta or not meta.shape:
+        return None
+    one, two = tuple(meta.shape), tuple(n.meta["shape2"])
+    return one[0] if two[0] == 2 * one[0] and one[1:] == two[1:] else None
+
+
+def batch_first(n: fx.Node) -> bool:
+    """Whether n's output holds one row per image on axis 0: caches index images there."""
+    return rows_per_image(n) == 1
+
+
+def _is_tail(n: fx.Node, mods: dict, rows: int | None) -> bool:
+    """An op that may end a layer unit: it clips or moves one tensor and keeps the rows of
+    the layer's input on axis 0, so inputs and targets index the same samples."""
     op = ops.classify(n, mods)
-    return op is not None and op.kind in (ops.FUSABLE, ops.QUANT, ops.PASSTHROUGH)
+    return (
+        rows is not None
+        and rows_per_image(n) == rows
+        and op is not None
+        and op.kind in (ops.FUSABLE, ops.QUANT, ops.PASSTHROUGH)
+    )
 
 
 def prefix_unit(qg: QuantGraph, segment: Unit, node: str) -> Unit | None:

@@ -14,7 +14,7 @@ import torch
 from qcli.artifacts import prepare_output
 from qcli.artifacts.atomic import check_output_path
 from qcli.artifacts.plot import write_loss_plot
-from qcli.errors import UsageError
+from qcli.errors import QcliError, UsageError
 from qcli.methods.chain import float_twin
 from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
 from qcli.methods.range_setting import fit_bias_grids
@@ -53,6 +53,7 @@ class CalibrateConfig:
     bit_config: Path | None = None  # a bits.json (allocate-bits) holding the plan
     plot: Path | None = None  # PNG of the per-unit reconstruction loss along depth
     widen_share: float | None = None  # safe range: MACs that may widen back (None: default)
+    strict: bool = False  # an op without an integer kernel is an error, not left in float
 
     def quant_plan(self) -> QuantPlan:
         """The one plan capture receives: the given one, bits.json's, else the flags'."""
@@ -123,13 +124,17 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     require_python_module(loaded, "calibrate")
     ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
     qg = capture(loaded.module, (3, *loaded.input_spec.size), plan)
+    op_report = check_float_ops(qg, cfg.strict, ui)
     qg.to(device())
     settings = {"seed": cfg.seed, **cfg.settings}
     if settings.get("metaaug"):  # T's output stays within the valid pixel range
         settings["input_norm"] = {k: list(getattr(loaded.input_spec, k)) for k in ("mean", "std")}
     bs = cfg.data.batch_size
+    bn_tune = cfg.bn_tune and qg.batchnorm_layers > 0
+    if cfg.bn_tune and not bn_tune:
+        ui.warn(NO_BATCHNORM)
     # Tuning needs every image in memory after the method: decode them once for both.
-    tune = cfg.bn_tune or cfg.bias_tune
+    tune = bn_tune or cfg.bias_tune
     images = torch.cat(list(image_batches(ds, bs))) if tune else None
     reference = float_twin(qg) if tune else None
     batches = images.split(bs) if images is not None else image_batches(ds, bs)
@@ -143,7 +148,9 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
         with ui.task("int8 range: widen sensitive layers", total=None):
             metrics["int8_range"] = widen(qg, probe, cfg.method, cfg.widen_share)
     if images is not None:
-        metrics["tuning"] = run_tuning(qg, reference, images, cfg, ui)
+        metrics["tuning"] = run_tuning(qg, reference, images, cfg, ui, bn_tune)
+    if cfg.bn_tune and not bn_tune:
+        metrics["tuning"] = {**metrics.get("tuning", {}), "bn_tune_skipped": NO_BATCHNORM}
     _unit_table(metrics, ui)
     if cfg.plot is not None:
         write_loss_plot(cfg.plot, metrics["reconstruction"]["oscillation"], _plot_title(cfg, qg))
@@ -165,6 +172,7 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
             "seconds": metrics.get("seconds"),
         },
         "metrics": metrics,
+        "ops": op_report,
     }
     save_qmodel(cfg.out, qg, loaded, extra, cfg.force)
     return {
@@ -174,8 +182,48 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
         "method": cfg.method,
         "layers": sum(1 for _ in qg.layers()),
         "activation_quantizers": sum(1 for _ in qg.act_quantizers()),
+        "ops": op_report,
         **{k: v for k, v in metrics.items() if k != "range_method"},
     }
+
+
+def describe_ops(report: dict[str, Any]) -> str:
+    """One line on what runs where: "100 of 149 compute ops in integer kernels; float:
+    layer_norm ×25, gelu ×12"."""
+    line = f"{report['integer_ops']} of {report['compute_ops']} compute ops in integer kernels"
+    if report["float_ops"]:
+        line += "; float: " + ", ".join(f"{k} ×{v}" for k, v in report["float_ops"].items())
+    if report["float_leaves"]:
+        line += f" (fx could not trace {', '.join(report['float_leaves'])}: run as float)"
+    return line
+
+
+def check_float_ops(qg: QuantGraph, strict: bool, ui: UI) -> dict[str, Any]:
+    """Say which ops run in float between DequantizeLinear and QuantizeLinear; under
+    `strict` any such op is an error, for users who need an integer-only graph."""
+    report = qg.op_report()
+    if strict and report["float_nodes"]:
+        raise QcliError(
+            f"--strict: {len(report['float_nodes'])} ops have no integer kernel and would run "
+            f"in float, first {report['float_nodes'][0]} ({describe_ops(report)})"
+        )
+    if report["float_nodes"]:
+        ui.info(describe_ops(report) + " (see --show-float)")
+    return report
+
+
+def show_float_of(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
+    """The ops that would run in float, by layer, without calibrating (no data needed)."""
+    loaded = cfg.model.load(ui)
+    require_python_module(loaded, "calibrate")
+    qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.quant_plan())
+    report = qg.op_report()
+    ui.table(
+        f"float ops of {loaded.name}",
+        ["node", "op"],
+        [node.rsplit(": ", 1) for node in report["float_nodes"]],
+    )
+    return {"model": loaded.name, "ops": report, "summary": describe_ops(report)}
 
 
 def run_method(
@@ -209,16 +257,27 @@ def widen(
     return report
 
 
+NO_BATCHNORM = (
+    "BN tuning skipped: the model has no BatchNorm layers, so there are no running statistics "
+    "to match (LayerNorm keeps none)"
+)
+
+
 def run_tuning(
-    qg: QuantGraph, reference: QuantGraph, images: torch.Tensor, cfg: CalibrateConfig, ui: UI
+    qg: QuantGraph,
+    reference: QuantGraph,
+    images: torch.Tensor,
+    cfg: CalibrateConfig,
+    ui: UI,
+    bn_tune: bool,
 ) -> dict[str, Any]:
     """BN tuning, then bias tuning, on the calibration images; biases then refit int32."""
     from qcli.methods.tuning import tune_statistics
 
     done: dict[str, Any] = {}
     start = time.perf_counter()
-    for flag, match_std in (("bn_tune", True), ("bias_tune", False)):
-        if getattr(cfg, flag):
+    for flag, match_std, on in (("bn_tune", True, bn_tune), ("bias_tune", False, cfg.bias_tune)):
+        if on:
             with ui.task(flag.replace("_", " "), total=None) as advance:
                 done[f"{flag}_layers"] = tune_statistics(
                     qg, reference, images, match_std, cfg.data.batch_size, advance

@@ -56,11 +56,15 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     ]
 
 
+class NoBatchNormError(QcliError):
+    """The model has no BatchNorm statistics to generate images from (a ViT, a ConvNeXt)."""
+
+
 def require_bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     """`bn_layers`, refusing a model with none: its statistics are what the generators match."""
     layers = bn_layers(model)
     if not layers:
-        raise QcliError(
+        raise NoBatchNormError(
             "model has no BatchNorm layers, so BN-statistics data generation cannot work; "
             "use --method noise or pass real images with --data"
         )
