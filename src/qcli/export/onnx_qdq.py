@@ -518,16 +518,12 @@ def _getitem(w, n, m, x, env, hint):
         at = idx.index(Ellipsis)
         fill = rank - sum(1 for i in idx if i is not None and i is not Ellipsis)
         idx[at : at + 1] = [slice(None)] * fill
-    starts, ends, axes, steps, drop, new = [], [], [], [], [], []
+    starts, ends, axes, steps = [], [], [], []
     axis = 0
     for i in idx:
         if i is None:
-            new.append(axis + len(new) - len(drop))
-            continue
-        if isinstance(i, int):
-            sl, _ = slice(i, i + 1 if i != -1 else None), drop.append(axis)
-        else:
-            sl = i
+            continue  # a new unit axis: the reshape below adds it
+        sl = slice(i, i + 1 or None) if isinstance(i, int) else i
         if sl != slice(None):
             starts.append(sl.start or 0)
             ends.append(sl.stop if sl.stop is not None else np.iinfo(np.int64).max)
@@ -541,7 +537,7 @@ def _getitem(w, n, m, x, env, hint):
             for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))
         ]
         out = w.op("Slice", [out, *consts], f"{hint}_slice")
-    if drop or new:  # a reshape to the indexed shape removes and adds the unit axes
+    if any(i is None or isinstance(i, int) for i in idx):  # unit axes out and in
         return w.op("Reshape", [out, _runtime_shape(w, n, hint)], hint)
     return w.op("Identity", [out], hint) if out is x else out
 

@@ -327,19 +327,14 @@ def _defaults(model: nn.Module) -> dict[str, object]:
 def _drop_guards(graph: fx.Graph) -> None:
     """Remove the placeholders of arguments fixed at their defaults with the checks fx adds
     on them: only the image is an input."""
-    for p in [n for n in graph.nodes if n.op == "placeholder"][1:]:
-        closure, frontier = [p], [p]
-        while frontier:
-            for u in frontier.pop().users:
-                if u not in closure:
-                    closure.append(u)
-                    frontier.append(u)
-        for n in sorted(closure, key=lambda n: -_position(graph, n)):
+    extra = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    closure = set(extra)
+    for n in graph.nodes:
+        if any(a in closure for a in n.all_input_nodes):
+            closure.add(n)
+    for n in reversed(list(graph.nodes)):  # users before what they use
+        if n in closure:
             graph.erase_node(n)
-
-
-def _position(graph: fx.Graph, node: fx.Node) -> int:
-    return next(i for i, n in enumerate(graph.nodes) if n is node)
 
 
 def _first_line(e: BaseException) -> str:
@@ -350,13 +345,9 @@ def _untraceable(module: nn.Module, prefix: str, leaves: set[str]) -> str | None
     """The path of a submodule that fx cannot trace alone, as deep as it goes."""
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        known = path in leaves or ops.module_op(child) is not None
-        if known or not list(child.children()):
-            if known or _traces(child, path, leaves):
-                continue
-            return path
-        if not _traces(child, path, leaves):
-            return _untraceable(child, path, leaves) or path
+        if path in leaves or ops.module_op(child) is not None or _traces(child, path, leaves):
+            continue
+        return _untraceable(child, path, leaves) or path
     return None
 
 
