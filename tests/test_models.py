@@ -97,6 +97,18 @@ def test_vit_cifar10_loads_a_state_dict(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.module.state_dict(), state, rtol=0, atol=0)
 
 
+def _cifar_top1(loaded, shared_data: Path) -> float:
+    """Top-1 of a loaded model on a fixed 300 of the cifar10/test images."""
+    data = open_data(shared_data / "cifar10" / "test", loaded.input_spec, limit=300, seed=0)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in iterate(data, 100):
+            correct += int((loaded.module(x).argmax(1) == y).sum())
+            total += len(y)
+    assert total == 300
+    return correct / total
+
+
 @pytest.mark.shared
 def test_vit_cifar10_trained_weights_score(shared_data: Path) -> None:
     """The weights benchmarks/train_vit_cifar10.py caches, where they exist."""
@@ -104,13 +116,7 @@ def test_vit_cifar10_trained_weights_score(shared_data: Path) -> None:
     if not weights.is_file():
         pytest.skip(f"{weights} not found (benchmarks/train_vit_cifar10.py trains it)")
     loaded = load_model(ModelSource(VIT, weights=str(weights)))
-    data = open_data(shared_data / "cifar10" / "test", loaded.input_spec, limit=300, seed=0)
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in iterate(data, 100):
-            correct += int((loaded.module(x).argmax(1) == y).sum())
-            total += len(y)
-    assert total == 300 and correct / total > 0.6
+    assert _cifar_top1(loaded, shared_data) > 0.6
 
 
 @pytest.mark.shared
@@ -121,13 +127,7 @@ def test_resnet20_pretrained_weights_score(shared_data: Path) -> None:
     assert torch.equal(loaded.module.conv1.weight, raw["module.conv1.weight"])
     assert loaded.checksum == sha256_file(weights) and loaded.pretrained
     assert not loaded.module.training
-    data = open_data(shared_data / "cifar10" / "test", loaded.input_spec, limit=300, seed=0)
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in iterate(data, 100):
-            correct += int((loaded.module(x).argmax(1) == y).sum())
-            total += len(y)
-    assert total == 300 and correct / total > 0.7  # 81% on all 10,000
+    assert _cifar_top1(loaded, shared_data) > 0.7  # 81% on all 10,000
 
 
 def test_efficientnet_lite0_weights_map_by_position_and_trace() -> None:
