@@ -364,3 +364,12 @@ def test_r20_w8a8_end_to_end_on_cifar(tmp_path: Path, shared_data: Path):
     # the deployed arithmetic is the simulated one on this CPU, and on any CPU (static check)
     assert result["saturating_layers"] == 0
     assert result["kernel_check"]["changed_pct"] <= 1.0
+
+
+@pytest.mark.parametrize("command", ["calibrate", "generate-data"])
+def test_seed_out_of_range_is_a_usage_error(command: str, tmp_path: Path, weights: Path):
+    code, _, err = run(
+        command, R20, "--weights", weights, "--seed", str(2**64), "--out", tmp_path / "o"
+    )
+    assert code == 2 and "--seed" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

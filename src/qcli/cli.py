@@ -192,7 +192,8 @@ def common(fn: Callable) -> Callable:
     )(fn)
     return click.option(
         "--seed",
-        type=int,
+        # torch and numpy both take 0 .. 2**63 - 1: larger seeds failed deep inside a stage
+        type=click.IntRange(0, 2**63 - 1),
         default=0,
         show_default=True,
         help="Seed: the same seed gives the same result.",
