@@ -5,6 +5,13 @@ prints that sentence and exits with the code, so no traceback reaches the user.
 """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): the part of a
+    library's error worth putting in a one-sentence message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class QcliError(Exception):
     """A run failed for a reason the user can act on (corrupt file, unsupported layer...)."""
 

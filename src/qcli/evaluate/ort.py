@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from qcli.errors import QcliError, UsageError
+from qcli.errors import QcliError, UsageError, first_line
 
 _DTYPES = {
     "tensor(float)": np.float32,
@@ -86,7 +86,7 @@ class OrtModel:
         except QcliError:
             raise
         except Exception as exc:  # onnxruntime raises its own untyped pybind errors
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise QcliError(
                 f"file '{self.path}' is not a valid ONNX model onnxruntime can load ({reason})"
             ) from exc

@@ -12,6 +12,7 @@ quantizer leaves ops it has no integer kernel for.
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from qcli.errors import QcliError
+from qcli.errors import QcliError, first_line
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def write(w, n: fx.Node, m: nn.Module | None, x, env: dict, hint: str) -> str | 
     replay = _Replay(n, m, args, kwargs).eval()
     examples = tuple(_example(a) for a in inputs)
     names_in = [f"in{i}" for i in range(len(inputs))]
-    structure = _structure(n.meta["tensor_meta"], iter(range(10**6)))
+    structure = _structure(n.meta["tensor_meta"], itertools.count())
     names_out = [f"out{i}" for i in _leaves(structure)]
     sub = _export(replay, examples, names_in, names_out, w.opset, hint)
     rename = {name: env[a] for name, a in zip(names_in, inputs, strict=True)}
@@ -133,8 +134,7 @@ def _export(replay, examples, names_in, names_out, opset: int, hint: str) -> onn
                 do_constant_folding=True,
             )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QcliError(f"cannot export '{hint}' to ONNX ({first})") from e
+        raise QcliError(f"cannot export '{hint}' to ONNX ({first_line(e)})") from e
     model = onnx.load_from_string(buf.getvalue())
     domains = {node.domain for node in model.graph.node} - {"", "ai.onnx"}
     if domains:

@@ -198,7 +198,9 @@ def to_onnx(qg: QuantGraph, weight_storage: str = "int8") -> onnx.ModelProto:
         elif "tensor_meta" not in n.meta:
             continue  # shape arithmetic and assertions: constants of the traced shapes
         elif n.op == "get_attr":
-            env[n] = w.const(f"{n.name}_const", _attr(gm, n.target).detach().float().cpu().numpy())
+            env[n] = w.const(
+                f"{n.name}_const", operator.attrgetter(n.target)(gm).detach().float().cpu().numpy()
+            )
         else:
             env[n] = _emit(w, n, mods, env)
     if len(outputs) != 1:
@@ -238,13 +240,6 @@ def _arg(env: dict, a) -> str:
     if not isinstance(a, fx.Node) or not isinstance(env.get(a), str):
         raise QcliError(f"qcli exports models with exactly one output tensor, not {a!r}")
     return env[a]
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _shape(n: fx.Node) -> tuple[int, ...]:

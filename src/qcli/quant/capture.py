@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from qcli.errors import QcliError
+from qcli.errors import QcliError, first_line
 from qcli.quant import ops
 from qcli.quant.modules import PaddedConv2d, QConv2d, QLinear
 from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
@@ -307,7 +307,7 @@ def _trace(model: nn.Module) -> tuple[fx.GraphModule, tuple[str, ...]]:
             if culprit is None:
                 raise QcliError(
                     f"cannot trace model {type(model).__name__} into a graph "
-                    f"({_first_line(e)}); its top-level forward has data-dependent control "
+                    f"({first_line(e)}); its top-level forward has data-dependent control "
                     "flow, which torch.fx cannot follow"
                 ) from e
             leaves.add(culprit)
@@ -335,10 +335,6 @@ def _drop_guards(graph: fx.Graph) -> None:
     for n in reversed(list(graph.nodes)):  # users before what they use
         if n in closure:
             graph.erase_node(n)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _untraceable(module: nn.Module, prefix: str, leaves: set[str]) -> str | None:
@@ -523,7 +519,7 @@ def _propagate_shapes(
     except Exception as e:
         raise QcliError(
             f"the model does not run on an input of shape {tuple(example.shape[1:])} "
-            f"({_first_line(e)}); check --image-size"
+            f"({first_line(e)}); check --image-size"
         ) from e
     return rec.values
 
