@@ -10,11 +10,12 @@ Two guards stand between a wrong model and the output file, and both are tested 
    writing; or the simulation is corrupted in memory) and the comparison must fail.
 Either way `qcli export` exits 1 and a previously exported file stays byte for byte.
 
-What the gate cannot see (max |Δlogit| over 32 check images, as a share of the logit range;
-honest exports: 0.4-0.5% here, up to 2.6% on EfficientNet-Lite0 at 8-bit activations): one
-activation scale changed in Q and DQ alike only coarsens that grid (~1% even at +50%); a zero
-point off by 1-5 steps (<= 1.7%); one layer's bias off by 1-10% of its mean (<= 3%); one
-activation quantizer left out (<= 3.7%). Such changes are within one-step rounding noise.
+The gate compares onnxruntime's integer kernels with the integer-exact simulation bit for
+bit (logits and every activation quantizer's codes), so it also sees what a tolerance on the
+logits could not (over 32 check images the float simulation and the file differ by 0.4-0.5%
+of the logit range here, up to 2.6% on EfficientNet-Lite0): one activation scale changed in
+Q and DQ alike (~1% even at +50%), a zero point off by 1-5 steps (<= 1.7%), one activation
+quantizer left out (<= 3.7%). The reference-arithmetic run keeps that tolerance.
 """
 
 from __future__ import annotations
@@ -103,9 +104,18 @@ def previous(tmp_path: Path, r20: dict[str, Calibrated]) -> Path:
 def test_honest_export_passes_with_room(r20: dict[str, Calibrated], bits: str):
     check = r20[bits].check
     assert check["ok"] and check["decisive_flips"] == 0 and check["images"] == 32
+    # integer end to end: held to the bit, and bit-identical at the logits and every quantizer
+    exact = check["exact"]
+    assert exact["enforced"] and exact["tensors"] == len(json.loads(_codes(r20[bits].onnx))) + 1
+    assert exact["tensors_differ"] == 0 and exact["images_differ"] == 0
     for report in check["runs"].values():
         # an honest export sits well inside the tolerance (one-step flips only)
         assert report["max_abs_diff"] <= 0.5 * report["max_relative_error"] * report["logit_range"]
+
+
+def _codes(path: Path) -> str:
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return props["qcli_quantizer_codes"]
 
 
 # -- 1. integrity: changed tensors are refused -----------------------------------------------
@@ -194,6 +204,42 @@ def _one_bias(qg: QuantGraph) -> None:
     layer.bias.add_(0.5 * layer.bias.abs().mean())
 
 
+MID_Q = "act_quant.layer2_1_relu1"  # the quantizer after a ReLU mid-network
+
+
+def _mid_scale(factor: float) -> Callable[[QuantGraph], None]:
+    def bug(qg: QuantGraph) -> None:
+        dict(qg.act_quantizers())[MID_Q].scale.mul_(factor)
+
+    return bug
+
+
+def _mid_zero_point(steps: int) -> Callable[[QuantGraph], None]:
+    def bug(qg: QuantGraph) -> None:
+        dict(qg.act_quantizers())[MID_Q].zero_point.add_(steps)
+
+    return bug
+
+
+def _every_zero_point_plus_one(qg: QuantGraph) -> None:
+    for _, q in qg.act_quantizers():
+        q.zero_point.add_(1)
+
+
+def _one_quantizer_removed(model: onnx.ModelProto) -> None:
+    """The mid-network QuantizeLinear -> DequantizeLinear pair left out of the file."""
+    graph = model.graph
+    stem = MID_Q.replace(".", "_")
+    q = next(n for n in graph.node if n.name == f"{stem}_q")
+    dq = next(n for n in graph.node if n.name == f"{stem}_dq")
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name == dq.output[0]:
+                n.input[i] = q.input[0]
+    graph.node.remove(dq)
+    graph.node.remove(q)
+
+
 @dataclass(frozen=True)
 class ExporterBug:
     name: str
@@ -206,6 +252,12 @@ BUGS = [
     ExporterBug("input-zero-point+20", graph=_input_zero_point),
     ExporterBug("one-bias+50%-of-mean", graph=_one_bias),
     ExporterBug("no-activation-quantizers", onnx=_no_activation_quantizers),
+    # what the tolerance alone could not see (exported without complaint before the
+    # integer-exact comparison): each moves codes, so the exact check must catch it
+    *[ExporterBug(f"one-act-scale{f - 1:+.1%}", graph=_mid_scale(f)) for f in (1.001, 1.5)],
+    *[ExporterBug(f"zero-point+{k}-after-relu", graph=_mid_zero_point(k)) for k in (1, 20)],
+    ExporterBug("one-act-quantizer-removed", onnx=_one_quantizer_removed),
+    ExporterBug("every-act-zero-point+1", graph=_every_zero_point_plus_one),
 ]
 
 
@@ -235,7 +287,7 @@ def test_gate_fails_an_export_that_disagrees(
     check = ["--check-data", r20[bits].test_images]
     code, _, err = run("export", r20[bits].qmodel, "--out", previous, "--force", *check)
     assert code == 1, err
-    assert "disagrees with the simulation" in err and "Traceback" not in err
+    assert "disagrees with the" in err and "Traceback" not in err
     assert previous.read_bytes() == before
     assert leftovers(previous) == []
 

@@ -313,7 +313,7 @@ def _quantize_rows(r: dict) -> list[tuple]:
         ("evaluated on", r["eval_data"]),
         ("top-1 FP -> quantized", f"{_pct(fp['top1'])} -> {_pct(q['top1'])}"),
         ("agreement with FP", _pct(q.get("agreement_with_reference"))),
-        ("sim vs onnxruntime", f"{r['export']['check']['disagreement_pct']:.2f}% top-1 differ"),
+        ("sim vs onnxruntime", _sim_vs_ort(r["export"]["check"])),
         ("exact on CPUs", ", ".join(r["export"]["exact_on"])),
         ("latency b1 FP -> ONNX", f"{lat_fp.get(1, '-')} -> {lat_q.get(1, '-')} ms"),
         ("latency b64 FP -> ONNX", f"{lat_fp.get(64, '-')} -> {lat_q.get(64, '-')} ms"),
@@ -1275,9 +1275,30 @@ def allocate_bits(
 # -- export ---------------------------------------------------------------------------------
 
 
+def _sim_vs_ort(check: dict) -> str:
+    """What the export compared: bit for bit against onnxruntime's integer kernels where it
+    could, else top-1 against its reference arithmetic."""
+    e = check.get("exact")
+    if e is None:
+        return (
+            f"{check['disagreement_pct']:.2f}% top-1 differ (reference arithmetic only: this "
+            "CPU's integer kernels compute another function for this file)"
+        )
+    counts = (
+        f"{e['images_differ']} of {e['images']} images, "
+        f"{e['tensors_differ']} of {e['tensors']} tensors differ"
+    )
+    if not e["tensors_differ"]:
+        return f"exact ({counts})"
+    floats = len(e["float_ops"])
+    why = f"{floats} ops run in float" if floats else "int4 weights run in float"
+    return f"{counts}; not integer end to end ({why})"
+
+
 def _export_rows(r: dict) -> list[tuple]:
     c = r["check"]
-    check = f"{c['disagreement_pct']:.2f}% top-1 differ, max |Δlogit| {c['max_abs_diff']:.3g}"
+    ref = c["runs"]["reference"]
+    check = f"{ref['disagreement_pct']:.2f}% top-1 differ, max |Δlogit| {ref['max_abs_diff']:.3g}"
     return [
         ("out", r["out"]),
         ("opset", r["opset"]),
@@ -1285,7 +1306,8 @@ def _export_rows(r: dict) -> list[tuple]:
         ("weight storage", r["weight_storage"]),
         ("exact on CPUs", ", ".join(r["exact_on"])),
         ("size", _mb(r["bytes"])),
-        ("sim vs onnxruntime", check),
+        ("sim vs onnxruntime", _sim_vs_ort(c)),
+        ("fake-quant sim vs reference arithmetic", check),
     ]
 
 
@@ -1332,7 +1354,7 @@ def export(qmodel, out, check_data, force, weights, weight_storage, seed, ui):
 def _eval_rows(r: dict) -> list[tuple]:
     rows = [
         ("target", r["target"]),
-        ("kind", r["kind"]),
+        ("kind", r["kind"] + (f" ({r['simulation']} simulation)" if "simulation" in r else "")),
         ("images", r["n_images"]),
         ("top-1", _pct(r["top1"])),
         ("top-5", _pct(r["top5"])),
@@ -1366,11 +1388,19 @@ def _eval_rows(r: dict) -> list[tuple]:
     is_flag=True,
     help="ONNX: skip the second run with onnxruntime's reference arithmetic.",
 )
+@click.option(
+    "--simulation",
+    type=click.Choice(["exact", "fake-quant"]),
+    default="exact",
+    show_default=True,
+    help=".qcli: 'exact' computes what onnxruntime's integer kernels compute, bit for bit; "
+    "'fake-quant' the training-time simulation (float32 on dequantized values).",
+)
 @model_options
 @data_options(required=True)
 @common
 @run_stage("qcli eval", _eval_rows)
-def eval_cmd(target, reference, no_latency, threads, no_kernel_check, seed, ui, **kw):
+def eval_cmd(target, reference, no_latency, threads, no_kernel_check, simulation, seed, ui, **kw):
     """Top-1/top-5, agreement, latency and size of an ONNX file, a .qcli folder or a MODEL.
 
     For an ONNX file it also names this CPU's integer-kernel class (avx2, avx512,
@@ -1381,6 +1411,11 @@ def eval_cmd(target, reference, no_latency, threads, no_kernel_check, seed, ui, 
     is the simulated one on this CPU; the reference convolves dequantized values in float,
     so a few one-step rounding flips (typically under 1-2% of images) remain even then.
 
+    A .qcli folder runs in the integer-exact simulation by default: what onnxruntime's
+    integer kernels compute, bit for bit (`eval m.onnx --reference m.qcli` then agrees on
+    every image where the file is integer end to end); `--simulation fake-quant` runs the
+    training-time simulation (float32 on dequantized values) instead.
+
     \b
     Example:
       qcli eval r20-w4a8.onnx --data cifar10/test --reference builtin:resnet20_cifar10 \\
@@ -1390,7 +1425,15 @@ def eval_cmd(target, reference, no_latency, threads, no_kernel_check, seed, ui, 
 
     mo = _model(target, kw)
     cfg = EvalConfig(
-        target, _data(kw), reference, mo, not no_latency, threads, seed, not no_kernel_check
+        target,
+        _data(kw),
+        reference,
+        mo,
+        not no_latency,
+        threads,
+        seed,
+        not no_kernel_check,
+        simulation,
     )
     return evaluate(cfg, ui)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -128,6 +129,28 @@ class OrtModel:
 
     def __repr__(self) -> str:
         return f"OrtModel('{self.path}', providers={self.providers})"
+
+
+def run_with_tensors(
+    path: Path, x: torch.Tensor, names: list[str], threads: int | None = 1
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Logits and the named intermediate tensors of an ONNX file under onnxruntime's integer
+    kernels (graph optimizations on), as float32 tensors. A name no node of the file
+    produces (a quantizer the file lost) comes back as None."""
+    model = onnx.load(str(path))
+    produced = {o for n in model.graph.node for o in n.output}
+    present = [n for n in names if n in produced]
+    for name in present:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(
+        model.SerializeToString(), _session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    outs = session.run(None, {session.get_inputs()[0].name: arr})
+    tensors = dict.fromkeys(names)
+    for name, out in zip(present, outs[1:], strict=True):
+        tensors[name] = torch.from_numpy(np.asarray(out).astype(np.float32))
+    return torch.from_numpy(np.asarray(outs[0], dtype=np.float32)), tensors
 
 
 class KernelCheck:

@@ -38,7 +38,7 @@ from torch import fx, nn
 from qcli import __version__
 from qcli.errors import QcliError
 from qcli.export import fallback, kernels
-from qcli.quant import ops
+from qcli.quant import exact, ops
 from qcli.quant.capture import QuantGraph, hardtanh_bounds, pairs_products
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.primitives import bias_scale
@@ -92,6 +92,9 @@ class _Writer:
     inits: list = field(default_factory=list)
     names: set = field(default_factory=set)
     qinfo: dict = field(default_factory=dict)
+    modules: dict = field(default_factory=dict)
+    codes: dict = field(default_factory=dict)  # DequantizeLinear output -> its integer input
+    quantizer_codes: dict = field(default_factory=dict)  # activation quantizer -> its codes
 
     def fresh(self, hint: str) -> str:
         base = hint.replace(".", "_")
@@ -119,19 +122,25 @@ class _Writer:
 
     # -- quantization -------------------------------------------------------------------
 
-    def qdq(self, x: str, q: Quantizer, hint: str) -> str:
+    def qdq(self, x: str, q: Quantizer, hint: str, full: bool = False) -> str:
+        """Q/DQ onto q's grid. Below the storage width a Clip narrows it, behind a full-width
+        Q/DQ on the same scale: onnxruntime fuses an integer op only with a QuantizeLinear
+        that follows it directly, and the Clip on dequantized grid values is exact. `full`
+        writes the full-width pair alone."""
         spec = q.spec
         dtype, lo, hi = _storage(spec.bits, spec.signed)
         scale = q.scale.detach().float().cpu().numpy()
         zp = q.zero_point.detach().cpu().numpy().round().astype(np.int64)
         s_name = self.const(f"{hint}_scale", scale)
         z_name = self.const(f"{hint}_zero_point", zp, dtype)
-        clip = None
-        if (spec.qmin, spec.qmax) != (lo, hi):
-            clip = (
-                float(np.float32((spec.qmin - zp) * scale)),
-                float(np.float32((spec.qmax - zp) * scale)),
-            )
+        if full or (spec.qmin, spec.qmax) == (lo, hi):
+            return self._qdq_with(x, _QInfo(s_name, z_name, None), hint)
+        clip = (
+            float(np.float32((spec.qmin - zp) * scale)),
+            float(np.float32((spec.qmax - zp) * scale)),
+        )
+        if x not in self.qinfo:
+            x = self._qdq_with(x, _QInfo(s_name, z_name, None), f"{hint}_full")
         return self._qdq_with(x, _QInfo(s_name, z_name, clip), hint)
 
     def _qdq_with(self, x: str, info: _QInfo, hint: str) -> str:
@@ -142,6 +151,7 @@ class _Writer:
         xq = self.op("QuantizeLinear", [x, info.scale, info.zero_point], f"{hint}_q")
         out = self.op("DequantizeLinear", [xq, info.scale, info.zero_point], f"{hint}_dq")
         self.qinfo[out] = info
+        self.codes[out] = xq
         return out
 
     def restate_grid(self, src: str, out: str, hint: str) -> str:
@@ -167,13 +177,12 @@ class _Writer:
     def bias(self, layer: QConv2d | QLinear, hint: str) -> str | None:
         if layer.bias is None:
             return None
-        b = layer.bias.detach().float().cpu()
+        ints = layer.integer_bias()
+        if ints is None:  # float bias: weight or input not quantized, or beyond int32
+            return self.const(f"{hint}_bias", layer.bias.detach().float().cpu().numpy())
         wq, iq = layer.weight_quantizer, layer.input_quantizer
-        if layer.quantized_bias() is layer.bias:  # float bias: weight or input not quantized
-            return self.const(f"{hint}_bias", b.numpy())
         s = bias_scale(iq.scale.detach().float().cpu(), wq.scale.detach().float().cpu())
-        ints = torch.round(b / s).to(torch.int64).numpy()  # fits: quantized_bias checked
-        q = self.const(f"{hint}_bias_int", ints, TensorProto.INT32)
+        q = self.const(f"{hint}_bias_int", ints.cpu().numpy(), TensorProto.INT32)
         s_name = self.const(f"{hint}_bias_scale", s.numpy())
         z = self.const(f"{hint}_bias_zero_point", np.zeros(ints.shape), TensorProto.INT32)
         return self.op("DequantizeLinear", [q, s_name, z], f"{hint}_bias_dq", axis=0)
@@ -184,9 +193,9 @@ def to_onnx(qg: QuantGraph, weight_storage: str = "int8") -> onnx.ModelProto:
     if weight_storage not in WEIGHT_STORAGES:
         raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}")
     opset = 21 if needs_opset21(qg, weight_storage) else 17
-    w = _Writer(opset, weight_storage, qg.int8_range)
     gm = qg.module
     mods = dict(gm.named_modules())
+    w = _Writer(opset, weight_storage, qg.int8_range, modules=mods)
     env: dict[fx.Node, str] = {}
     outputs: list[str] = []
     for n in gm.graph.nodes:
@@ -231,6 +240,8 @@ def to_onnx(qg: QuantGraph, weight_storage: str = "int8") -> onnx.ModelProto:
             "qcli_weight_storage": weight_storage,
             "qcli_int8_range": qg.int8_range,
             "qcli_exact_on": ",".join(exact_on),
+            "qcli_quantizer_codes": json.dumps(w.quantizer_codes),
+            "qcli_integer_arithmetic": f"onnxruntime {exact.ONNXRUNTIME_VERSION}",
         },
     )
     return model
@@ -268,7 +279,52 @@ def _emit(w: _Writer, n: fx.Node, mods: dict[str, nn.Module], env: dict) -> str 
 
 
 def _quant(w, n, m, x, env, hint):
-    return w.qdq(x, m, hint)
+    out = w.qdq(x, m, hint)
+    w.quantizer_codes[n.target] = w.codes[out]
+    return out
+
+
+def _fused(handler):
+    """An activation an integer kernel applies by saturating (ReLU, ReLU6): onnxruntime drops
+    it from between the op and its QuantizeLinear only where it cannot change a code. Where
+    it could (a narrower grid, a zero point above 0), a full-width Q/DQ on the consumer's
+    grid goes before it, so the op still runs in its integer kernel; the activation then
+    runs on grid values, which is exact (`quant.exact` computes the same)."""
+
+    def wrapped(w, n, m, x, env, hint):
+        q = _consumer_quantizer(n, w.modules)
+        if q is not None and x not in w.qinfo and not _saturation_clips(n, m, q):
+            x = w.qdq(x, q, f"{hint}_in", full=True)
+        return handler(w, n, m, x, env, hint)
+
+    return wrapped
+
+
+def _consumer_quantizer(n: fx.Node, mods: dict) -> Quantizer | None:
+    users = list(n.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        m = mods[users[0].target]
+        return m if isinstance(m, Quantizer) and m.active else None
+    return None
+
+
+def _saturation_clips(n: fx.Node, m, q: Quantizer) -> bool:
+    """Whether onnxruntime removes the activation between an integer op and q's full-width
+    QuantizeLinear (and so fuses the op): ReLU when the zero point is the type's minimum,
+    a Clip when the quantizer's whole range lies inside it within float32 epsilon
+    (ReluQuantFusion / ClipQuantFusion of onnxruntime ONNXRUNTIME_VERSION). Saturation then
+    clips exactly where the activation would."""
+    lo_code, hi_code = _storage(q.spec.bits, q.spec.signed)[1:]
+    if (q.spec.qmin, q.spec.qmax) != (lo_code, hi_code):
+        return False
+    zp = int(q.zero_point.round())
+    lo, hi = exact.activation_bounds(n, m)
+    if hi == float("inf"):
+        return lo == 0.0 and zp == lo_code
+    s = np.float32(q.scale.detach().float())
+    lower, upper = s * np.float32(lo_code - zp), s * np.float32(hi_code - zp)
+    eps = np.finfo(np.float32).eps
+    return bool(np.float32(lo) - lower <= eps and upper - np.float32(hi) <= eps)
 
 
 def _conv(w, n, m: QConv2d, x, env, hint):
@@ -294,13 +350,22 @@ def _conv(w, n, m: QConv2d, x, env, hint):
 
 
 def _linear(w, n, m: QLinear, x, env, hint):
+    """A Gemm (QGemm in onnxruntime, the int32 bias inside the accumulator). Inputs of more
+    than two dims (tokens) are flattened to rows around it; the grid is restated after each
+    reshape and the consumer's QuantizeLinear written right after the Gemm, so onnxruntime
+    still fuses it (MatMul + Add would add the bias in float)."""
     weight = w.weight(m, hint)
     bias = w.bias(m, hint)
     if len(_shape(n.args[0])) == 2:
         return w.op("Gemm", [x, weight] + ([bias] if bias else []), hint, transB=1)
-    wt = w.op("Transpose", [weight], f"{hint}_wT", perm=[1, 0])
-    y = w.op("MatMul", [x, wt], hint)
-    return w.op("Add", [y, bias], f"{hint}_bias_add") if bias else y
+    rows = w.const(f"{hint}_rows", np.array([-1, m.in_features], dtype=np.int64), TensorProto.INT64)
+    flat = w.restate_grid(x, w.op("Reshape", [x, rows], f"{hint}_flat"), f"{hint}_flat")
+    y = w.op("Gemm", [flat, weight] + ([bias] if bias else []), hint, transB=1)
+    q = _consumer_quantizer(n, w.modules)
+    if q is not None:
+        y = w.qdq(y, q, f"{hint}_out", full=True)
+    out = w.op("Reshape", [y, _runtime_shape(w, n, hint)], f"{hint}_tokens")
+    return w.restate_grid(y, out, f"{hint}_tokens")
 
 
 def _binary(onnx_op: str):
@@ -603,9 +668,9 @@ _HANDLERS = {
     "quant": _quant,
     "conv": _conv,
     "linear": _linear,
-    "relu": _unary("Relu"),
-    "relu6": _clip,
-    "hardtanh": _clip,
+    "relu": _fused(_unary("Relu")),
+    "relu6": _fused(_clip),
+    "hardtanh": _fused(_clip),
     "sigmoid": _unary("Sigmoid"),
     "hardsigmoid": _unary("HardSigmoid", alpha=1.0 / 6, beta=0.5),
     "hardswish": _unary("HardSwish"),

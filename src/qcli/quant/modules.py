@@ -86,6 +86,16 @@ class _WeightQuantMixin:
             return self.bias
         return P.fake_quantize_bias(self.bias, iq.scale, wq.scale)
 
+    @torch.no_grad()
+    def integer_bias(self) -> Tensor | None:
+        """The int32 bias an integer kernel adds to its accumulator (int64 values), on the
+        grid s_in x s_w; None without a bias or where the bias stays float (`quantized_bias`).
+        The ONNX file stores exactly these integers and the exact mode adds them."""
+        if self.bias is None or self.quantized_bias() is self.bias:
+            return None
+        s = P.bias_scale(self.input_quantizer.scale.float(), self.weight_quantizer.scale.float())
+        return torch.round(self.bias.detach().float() / s).to(torch.int64)
+
 
 class QConv2d(_WeightQuantMixin, nn.Conv2d):
     """Conv2d with quantized weights; `pads` holds explicit (left, right, top, bottom) padding

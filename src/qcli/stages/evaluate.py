@@ -20,6 +20,7 @@ from qcli.errors import QcliError
 from qcli.evaluate import KernelCheck, OrtModel, accuracy, file_size, latency
 from qcli.export import kernels
 from qcli.models import IMAGENET_SPEC, InputSpec
+from qcli.quant.exact import run_exact
 from qcli.stages.common import (
     DataOptions,
     ModelOptions,
@@ -53,10 +54,20 @@ class EvalConfig:
     threads: int | None = None
     seed: int = 0
     kernel_check: bool = True
+    simulation: str = "exact"  # a .qcli target: one of SIMULATIONS
+
+
+# How a .qcli folder is evaluated: "exact" computes what onnxruntime's integer kernels do
+# (quant.exact), "fake-quant" the training-time simulation (float32 on dequantized values).
+SIMULATIONS = ("exact", "fake-quant")
 
 
 def resolve_target(
-    text: str, opts: ModelOptions, threads: int | None = None, ui: UI | None = None
+    text: str,
+    opts: ModelOptions,
+    threads: int | None = None,
+    ui: UI | None = None,
+    simulation: str = "exact",
 ) -> Target:
     path = Path(text)
     if path.suffix == ".onnx" or (path.is_file() and _is_onnx(path)):
@@ -66,7 +77,8 @@ def resolve_target(
     if is_qmodel(path):
         qm = load_qmodel(path, opts.weights)
         module = qm.graph.module.eval()
-        return Target(text, "qcli", _no_grad(module), qm.input_spec, path)
+        fn = _exact(module) if simulation == "exact" else _no_grad(module)
+        return Target(text, "qcli", fn, qm.input_spec, path, {"simulation": simulation})
     loaded = replace(opts, spec=text).load(ui)
     weights = Path(loaded.source.weights) if loaded.source.weights else None
     size_path = weights if weights else (path if path.is_file() else None)
@@ -77,6 +89,13 @@ def _no_grad(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return module(x)
+
+    return fn
+
+
+def _exact(module: torch.fx.GraphModule) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return run_exact(module, x).logits
 
     return fn
 
@@ -111,8 +130,12 @@ def _graph_input_size(model: onnx.ModelProto) -> tuple[int, int] | None:
 
 
 def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
-    target = resolve_target(cfg.target, cfg.model, cfg.threads, ui)
-    reference = resolve_target(cfg.reference, cfg.model, cfg.threads, ui) if cfg.reference else None
+    target = resolve_target(cfg.target, cfg.model, cfg.threads, ui, cfg.simulation)
+    reference = (
+        resolve_target(cfg.reference, cfg.model, cfg.threads, ui, cfg.simulation)
+        if cfg.reference
+        else None
+    )
     if reference is not None and reference.input_spec.size != target.input_spec.size:
         raise QcliError(
             f"--reference '{cfg.reference}' expects {reference.input_spec.size} images but "
@@ -120,6 +143,9 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
         )
     ds = open_dataset(cfg.data, target.input_spec, cfg.seed)
     result: dict[str, Any] = {"target": cfg.target, "kind": target.kind}
+    for t, key in ((target, "simulation"), (reference, "reference_simulation")):
+        if t is not None and t.kind == "qcli":
+            result[key] = t.metadata["simulation"]
     fn = target.fn
     if target.kind == "onnx":
         result.update(_cpu_report(target.name, Path(cfg.target), target.metadata, ui))

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
@@ -24,10 +23,13 @@ from qcli.artifacts.qmodel import FORMAT, FORMAT_VERSION
 from qcli.data import iterate, open_data
 from qcli.errors import QcliError, UsageError
 from qcli.evaluate import OrtModel
+from qcli.evaluate.ort import run_with_tensors
 from qcli.export import kernels
 from qcli.export.onnx_qdq import to_onnx
 from qcli.models import ModelSource
+from qcli.quant import ops
 from qcli.quant.capture import QuantGraph
+from qcli.quant.exact import run_exact
 from qcli.stages.common import QModel, load_qmodel, recorded_file
 from qcli.ui import UI
 
@@ -104,6 +106,14 @@ def export(cfg: ExportConfig, ui: UI) -> dict[str, Any]:
         onnx.save(model, str(tmp))
         check = compare_with_simulation(qm, tmp, x, fused=fused)
         for arithmetic, c in check["runs"].items():
+            e = c.get("exact")
+            if e is not None and e["enforced"] and e["tensors_differ"]:
+                raise QcliError(
+                    f"onnxruntime (integer kernels) disagrees with the integer-exact simulation "
+                    f"at {e['tensors_differ']} of {e['tensors']} tensors, first at "
+                    f"{e['first_differing']} ({e['first_differing_values']} values); top-1 "
+                    f"differs on {e['images_differ']} of {e['images']} check images"
+                )
             if not c["ok"]:
                 raise QcliError(
                     f"onnxruntime ({arithmetic}) disagrees with the simulation: top-1 differs "
@@ -162,20 +172,79 @@ def _check_inputs(cfg: ExportConfig, qm: QModel) -> torch.Tensor:
 def compare_with_simulation(
     qm: QModel, onnx_path: Path, x: torch.Tensor, fused: bool = True
 ) -> dict[str, Any]:
-    """The simulation against onnxruntime's reference arithmetic (the same on every CPU) and,
-    when `fused`, against its integer kernels on this CPU. The top level holds the worse."""
+    """The file against the simulation, two ways.
+
+    - integer kernels (when `fused`: this CPU's integer path is deterministic) against the
+      integer-exact simulation (`quant.exact`), at the logits and at every activation
+      quantizer's codes. Where the file is integer end to end (int8 weight storage, no op
+      left in float) any difference fails; otherwise the differing counts are reported and
+      the logits checked with the tolerance below;
+    - onnxruntime's reference arithmetic (float ops on dequantized values, the same on every
+      CPU) against the training-time simulation, within the tolerance.
+    The top level holds the worse of the two."""
     sim = qm.graph.module.eval()(x)
-    runs = {"reference": OrtModel(onnx_path, optimize=False)}
-    if fused:
-        runs["integer kernels"] = OrtModel(onnx_path)
     tol = MAX_RELATIVE_ERROR_A8 if qm.graph.min_act_bits() >= 8 else MAX_RELATIVE_ERROR
     step = logit_step(qm.graph)
-    reports = {
-        k: agreement_report(sim, torch.as_tensor(np.asarray(m(x))), tol, step)
-        for k, m in runs.items()
-    }
+    ref = OrtModel(onnx_path, optimize=False)(x)
+    reports = {"reference": agreement_report(sim, ref, tol, step)}
+    exact = None
+    if fused:
+        exact = exact_comparison(qm.graph, onnx_path, x)
+        report = agreement_report(exact.pop("exact_logits"), exact.pop("ort_logits"), tol, step)
+        if exact["enforced"]:
+            report["ok"] = exact["tensors_differ"] == 0
+        reports["integer kernels"] = {**report, "exact": exact}
     worst = max(reports.values(), key=lambda r: (not r["ok"], r["disagreement_pct"]))
-    return {**worst, "runs": reports}
+    return {**worst, "runs": reports, "exact": exact}
+
+
+@torch.no_grad()
+def exact_comparison(qg: QuantGraph, onnx_path: Path, x: torch.Tensor) -> dict[str, Any]:
+    """onnxruntime's integer kernels against the integer-exact simulation, bit for bit: the
+    logits and the codes of every activation quantizer (the file's metadata names the
+    tensor of each). `enforced` when every op of the file runs in an integer kernel."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    names: dict[str, str] = json.loads(props.get("qcli_quantizer_codes", "{}"))
+    res = run_exact(qg.module, x, record=True)
+    logits, tensors = run_with_tensors(onnx_path, x, list(names.values()))
+    differ = {}
+    for q, t in names.items():
+        got, want = tensors[t], res.codes.get(q)  # None: lost in the file / off in the sim
+        if got is None or want is None or got.shape != want.shape:
+            differ[q] = (want if want is not None else got).numel()
+        elif not torch.equal(got, want):
+            differ[q] = int((got != want).sum())
+    if not torch.equal(logits, res.logits):
+        differ["logits"] = int((logits != res.logits).sum())
+    first = next(iter(differ), None)
+    return {
+        "enforced": props.get("qcli_weight_storage") == "int8" and not res.float_ops,
+        "arithmetic": props.get("qcli_integer_arithmetic", ""),
+        "images": int(x.shape[0]),
+        "images_differ": int((logits.argmax(1) != res.logits.argmax(1)).sum()),
+        "tensors": len(names) + 1,
+        "tensors_differ": len(differ),
+        "first_differing": None if first is None else _where(qg, first),
+        "first_differing_values": None if first is None else differ[first],
+        "float_ops": res.float_ops,
+        "exact_logits": res.logits,
+        "ort_logits": logits,
+    }
+
+
+def _where(qg: QuantGraph, quantizer: str) -> str:
+    """A quantizer named by the layer whose output it quantizes."""
+    if quantizer == "logits":
+        return "the logits"
+    mods = dict(qg.module.named_modules())
+    for n in qg.module.graph.nodes:
+        if n.op == "call_module" and n.target == quantizer and n.args:
+            src = n.args[0]
+            if isinstance(src, torch.fx.Node) and src.op != "placeholder":
+                return f"the output of {ops.describe(src, mods)} ('{quantizer}')"
+            return f"the model input ('{quantizer}')"
+    return f"'{quantizer}'"
 
 
 @torch.no_grad()
