@@ -207,3 +207,22 @@ def test_relative_out_records_no_temporary_path(
         assert (tmp_path / summary[key]["out"]).resolve().parent == out.resolve()
     assert (tmp_path / manifest["calibration"]["data"]).resolve() == (out / "calib-data").resolve()
     assert leftovers(tmp_path, out) == []
+
+
+def test_summary_compares_what_a_user_deploys(quantized: dict[str, Path]):
+    """The float model as ONNX beside the INT8 file (sizes; latency in one run when measured),
+    the export held to the bit, and, on generated images, an agreement figure that says what
+    it means instead of an empty top-1."""
+    from qcli.cli import _quantize_rows
+
+    summary = json.loads((quantized["w8a8"] / "summary.json").read_text())
+    dep = summary["deployment"]
+    assert 3 * dep["int8_onnx_bytes"] < dep["fp32_onnx_bytes"]  # 8-bit weights: ~4x smaller
+    assert "latency_ms" not in dep  # --no-latency
+    exact = summary["export"]["check"]["exact"]
+    assert exact["enforced"] and exact["tensors_differ"] == 0 and exact["images_differ"] == 0
+    rows = dict(_quantize_rows(summary))
+    assert "top-1 FP -> quantized" not in rows  # no labels: no "- -> -"
+    assert "no labels" in rows["agreement with FP"]
+    assert rows["sim vs onnxruntime"].startswith("exact (0 of ")
+    assert rows["size ONNX FP32 -> INT8"].count("MB") == 2

@@ -305,21 +305,38 @@ def cli() -> None:
 
 def _quantize_rows(r: dict) -> list[tuple]:
     fp, q = r["eval_fp"], r["eval_quantized"]
-    lat_fp, lat_q = fp.get("latency_ms", {}), q.get("latency_ms", {})
+    dep = r.get("deployment", {})
     rows = [
         ("model", r["model"]),
         ("bits / method", f"{r['bits']} / {r['method']}"),
         *_ops_rows(r.get("calibrate", {}).get("ops")),
         ("evaluated on", r["eval_data"]),
-        ("top-1 FP -> quantized", f"{_pct(fp['top1'])} -> {_pct(q['top1'])}"),
-        ("agreement with FP", _pct(q.get("agreement_with_reference"))),
+    ]
+    if fp.get("top1") is not None:
+        rows.append(("top-1 FP -> quantized", f"{_pct(fp['top1'])} -> {_pct(q['top1'])}"))
+        rows.append(("agreement with FP", _pct(q.get("agreement_with_reference"))))
+    else:  # generated or unlabeled images: agreement is the only accuracy-like figure
+        rows.append(
+            (
+                "agreement with FP",
+                f"{_pct(q.get('agreement_with_reference'))} of images get the float model's "
+                "top-1 class (no labels here: pass --eval-data with labelled images for top-1)",
+            )
+        )
+    rows += [
         ("sim vs onnxruntime", _sim_vs_ort(r["export"]["check"])),
         ("exact on CPUs", ", ".join(r["export"]["exact_on"])),
-        ("latency b1 FP -> ONNX", f"{lat_fp.get(1, '-')} -> {lat_q.get(1, '-')} ms"),
-        ("latency b64 FP -> ONNX", f"{lat_fp.get(64, '-')} -> {lat_q.get(64, '-')} ms"),
-        ("size FP -> ONNX", f"{_mb(fp.get('bytes'))} -> {_mb(q.get('bytes'))}"),
-        ("output", f"{r['out']}/model.onnx"),
     ]
+    lat = dep.get("latency_ms", {})
+    for b in (1, 64):
+        a, z = lat.get("fp32", {}).get(b), lat.get("int8", {}).get(b)
+        if a and z:
+            speed = f"{a / z:.2f}x faster" if a >= z else f"{z / a:.2f}x slower"
+            rows.append((f"latency b{b} onnxruntime FP32 -> INT8", f"{a} -> {z} ms ({speed})"))
+    if dep:
+        size = f"{_mb(dep['fp32_onnx_bytes'])} -> {_mb(dep['int8_onnx_bytes'])}"
+        rows.append(("size ONNX FP32 -> INT8", size))
+    rows.append(("output", f"{r['out']}/model.onnx"))
     return rows
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from typing import Any
 from qcli.artifacts import atomic_dir, prepare_output
 from qcli.artifacts.atomic import write_manifest
 from qcli.errors import QcliError, UsageError
+from qcli.evaluate import OrtModel, file_size, latency
+from qcli.export.float_onnx import write_float_onnx
 from qcli.methods.generators.bn_stats import NoBatchNormError
 from qcli.methods.registry import CALIBRATION_METHODS, load_all
 from qcli.quant.spec import BitConfig
 from qcli.stages.allocate import AllocateConfig, BudgetRequest, allocate_bits
 from qcli.stages.calibrate import CalibrateConfig, calibrate, check_settings
-from qcli.stages.common import DataOptions, ModelOptions
+from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
 from qcli.stages.evaluate import EvalConfig, evaluate
 from qcli.stages.export import ExportConfig, export
 from qcli.stages.generate_data import GenerateConfig, generate
@@ -195,9 +198,7 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
             else "calibration images (no --data given)"
         )
         summary["eval_fp"] = evaluate(
-            EvalConfig(
-                cfg.model.spec, eval_data, model=cfg.model, latency=cfg.latency, seed=cfg.seed
-            ),
+            EvalConfig(cfg.model.spec, eval_data, model=cfg.model, latency=False, seed=cfg.seed),
             ui,
         )
         summary["eval_quantized"] = evaluate(
@@ -206,11 +207,12 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
                 eval_data,
                 reference=cfg.model.spec,
                 model=cfg.model,
-                latency=cfg.latency,
+                latency=False,
                 seed=cfg.seed,
             ),
             ui,
         )
+        summary["deployment"] = _float_vs_int8(qpath, opath, cfg.latency, ui)
         # Paths recorded so far point into the temporary folder: name the final one instead.
         _relocate(summary, tmp, cfg.out)
         write_manifest(tmp / "summary.json", summary)
@@ -218,6 +220,27 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
         _relocate(manifest, tmp, cfg.out)
         write_manifest(qpath / "manifest.json", manifest)
     return summary
+
+
+def _float_vs_int8(qpath: Path, opath: Path, measure_latency: bool, ui: UI) -> dict[str, Any]:
+    """The float model and the quantized file side by side as a user deploys them: both as
+    ONNX in the same onnxruntime, sizes and latency measured in one run (the float file is
+    written to a scratch folder and not kept)."""
+    qm = load_qmodel(qpath)
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = write_float_onnx(qm.graph, Path(scratch) / "float.onnx")
+        report: dict[str, Any] = {
+            "fp32_onnx_bytes": file_size(fp32),
+            "int8_onnx_bytes": file_size(opath),
+        }
+        if measure_latency:
+            shape = (3, *qm.input_spec.size)
+            with ui.task("latency: onnxruntime FP32 and INT8", total=None):
+                report["latency_ms"] = {
+                    name: {b: round(st.median * 1000, 3) for b, st in latency(m, shape).items()}
+                    for name, m in (("fp32", OrtModel(fp32)), ("int8", OrtModel(opath)))
+                }
+    return report
 
 
 def _generate_or_explain(gen_cfg: GenerateConfig, ui: UI) -> dict[str, Any]:
