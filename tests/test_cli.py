@@ -366,6 +366,45 @@ def test_r20_w8a8_end_to_end_on_cifar(tmp_path: Path, shared_data: Path):
     assert result["kernel_check"]["changed_pct"] <= 1.0
 
 
+def _first_of_each_class(src: Path, dst: Path, n: int) -> Path:
+    """A labelled subset without copying: the first n images of every class, linked."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:n]:
+            (dst / cls.name / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_r20_quantize_w4_with_real_weights_on_cifar(tmp_path: Path, shared_data: Path):
+    """`quantize --bits 4` (W4A8, its default method: QDrop) on the pretrained ResNet-20 and
+    real CIFAR-10 images keeps the float model's accuracy on 300 test images, and the
+    exported file computes what the integer-exact simulation does, bit for bit."""
+    w = shared_data.parent / "models" / "resnet20_cifar10.th"
+    if not w.is_file():
+        pytest.skip(f"pretrained ResNet-20 not found at {w}")
+    train = shared_data / "cifar10" / "train"
+    test = _first_of_each_class(shared_data / "cifar10" / "test", tmp_path / "test", 30)
+    code, out, err = run(
+        *("quantize", R20, "--weights", w, "--bits", "4", "--iters", "20"),
+        *("--data", train, "--limit", "256", "--eval-data", test, "--no-latency"),
+        *("--out", tmp_path / "q", "--json"),
+    )
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["bits"] == "w4a8" and r["method"] == "qdrop"
+    fp, q = r["eval_fp"], r["eval_quantized"]
+    assert fp["n"] == q["n"] == 300
+    assert fp["top1"] > 75  # the real weights (chance: 10)
+    assert q["top1"] >= max(70.0, fp["top1"] - 4.0)
+    assert q["agreement_with_reference"] >= 85
+    exact = r["export"]["check"]["exact"]
+    assert exact["enforced"] and exact["images"] > 0 and exact["tensors"] > 0
+    assert exact["tensors_differ"] == 0 and exact["images_differ"] == 0
+
+
 @pytest.mark.parametrize("command", ["calibrate", "generate-data"])
 def test_seed_out_of_range_is_a_usage_error(command: str, tmp_path: Path, weights: Path):
     code, _, err = run(
@@ -373,3 +412,21 @@ def test_seed_out_of_range_is_a_usage_error(command: str, tmp_path: Path, weight
     )
     assert code == 2 and "--seed" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_is_logged_line_by_line_without_a_terminal(
+    tmp_path: Path, weights: Path, images: Path
+):
+    """In a CI log (stderr not a terminal) every stage says when it starts and ends, and a
+    reconstruction names each unit as it starts, instead of bars that appear only when done."""
+    code, _, err = calibrate_r20(
+        weights, images, "--bits", "w4a8", "--method", "qdrop", "--iters", 2,
+        "--out", tmp_path / "q.qcli",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = err.splitlines()
+    assert any(line.startswith("calibrate (qdrop): started") for line in lines)
+    units = [line for line in lines if line.startswith("calibrate (qdrop): unit ")]
+    assert len(units) == 11 and units[0].startswith("calibrate (qdrop): unit 1/11 conv1")
+    assert any(line.startswith("calibrate (qdrop): done") for line in lines)
+    assert "━" not in err  # no progress bar drawn

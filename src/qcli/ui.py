@@ -8,6 +8,7 @@ tests and benchmarks (`SilentUI`).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from rich.console import Console
@@ -57,6 +58,10 @@ class RichUI(UI):
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        if not self.err.is_terminal:  # a CI log or a file: bars would appear only when done
+            with self._log_task(description, total) as advance:
+                yield advance
+            return
         columns = [
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -79,6 +84,40 @@ class RichUI(UI):
                 progress.advance(tid, n)
 
             yield advance
+
+    @contextlib.contextmanager
+    def _log_task(self, description: str, total: int | None) -> Iterator[Advance]:
+        """Plain lines instead of a bar: the start, each new label (a reconstruction unit),
+        every tenth of the planned steps, and the end, each with the seconds so far."""
+        start = time.monotonic()
+        done, planned, mark, last = 0, total, 10, None
+
+        def line(text: str) -> None:
+            elapsed = time.monotonic() - start
+            self.err.print(
+                f"{escape(description)}: {escape(text)} [{elapsed:.0f} s]",
+                soft_wrap=True,
+                highlight=False,
+            )
+
+        line(f"started ({total} steps)" if total else "started")
+
+        def advance(n: int = 1, label: str | None = None, skip: int = 0) -> None:
+            nonlocal done, planned, mark, last
+            if label is not None and label != last:
+                last = label
+                line(label)
+            if skip and planned is not None:
+                planned = max(planned - skip, 0)
+            done += n
+            if planned:
+                pct = 100 * done // planned
+                if pct >= mark and done < planned:
+                    line(f"{done}/{planned} ({pct}%)")
+                    mark = pct // 10 * 10 + 10
+
+        yield advance
+        line(f"done ({done}/{planned} steps)" if planned else "done")
 
     def info(self, message: str) -> None:
         self.err.print(message, soft_wrap=True, highlight=False)
