@@ -8,6 +8,7 @@ caller can report how many were left out.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,18 @@ def scan_folder(
     return samples, classes
 
 
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k synset ids in the standard class order (timm ships them), or ()
+    without timm. Folders named by wnids then get ImageNet labels, not sorted positions."""
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError:
+        return ()
+    info = ImageNetInfo()
+    return tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
+
+
 def _resolve_classes(
     root: Path, class_dirs: list[Path], class_list: ClassList | None
 ) -> tuple[list[str], str]:
@@ -218,7 +231,11 @@ def _resolve_classes(
                 class_list = root / name
                 break
     if class_list is None:
-        return [p.name for p in class_dirs], "(sorted folder names)"
+        names = [p.name for p in class_dirs]
+        imagenet = imagenet_wnids()
+        if imagenet and set(names) <= set(imagenet):
+            return list(imagenet), "(ImageNet-1k class ids: the folders are ImageNet wnids)"
+        return names, "(sorted folder names)"
     if isinstance(class_list, str | Path):
         return read_class_list(Path(class_list)), f"'{class_list}'"
     return [str(c) for c in class_list], "given"

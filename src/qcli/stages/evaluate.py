@@ -159,7 +159,7 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
             progress=advance,
         )
     result.update(acc.to_dict())
-    _warn_suspicious(acc, cfg, ui)
+    _warn_suspicious(acc, cfg, ui, target.kind)
     if isinstance(fn, KernelCheck):
         result["kernel_check"] = fn.to_dict()
     result["skipped_images"] = report_skipped(ds, ui)
@@ -173,18 +173,41 @@ def evaluate(cfg: EvalConfig, ui: UI) -> dict[str, Any]:
     return result
 
 
-def _warn_suspicious(acc: Any, cfg: EvalConfig, ui: UI) -> None:
+# Below this many labelled images a score near chance says little about the labels.
+CHANCE_MIN_IMAGES = 20
+
+
+def _warn_suspicious(acc: Any, cfg: EvalConfig, ui: UI, kind: str = "model") -> None:
     """Numbers that are computed but cannot mean what they seem to."""
     if acc.max_label >= acc.classes > 0:
         ui.warn(
             f"labels of '{cfg.data.path}' go up to {acc.max_label} but '{cfg.target}' outputs "
             f"{acc.classes} classes: top-1 cannot be right (wrong data set or --class-list?)"
         )
+    elif at_chance(acc):
+        why = (
+            "the folder labels probably are not the model's classes"
+            if kind == "model"
+            else "either the folder labels are not the model's classes or the model is broken "
+            "(compare with the float model)"
+        )
+        ui.warn(
+            f"'{cfg.target}' scores {acc.top1:.2f}% top-1 on '{cfg.data.path}', no better than "
+            f"chance for {acc.classes} classes: {why}; --class-list FILE gives the model's "
+            "class ids in output order (one per line)"
+        )
     if acc.nonfinite_images:
         ui.warn(
             f"'{cfg.target}' gave NaN/Inf logits on {acc.nonfinite_images} of {acc.n_images} "
             "images: their predictions are meaningless"
         )
+
+
+def at_chance(acc: Any) -> bool:
+    """Top-1 on enough labelled images at most twice what guessing gets."""
+    if acc.top1 is None or acc.n < CHANCE_MIN_IMAGES or acc.classes < 2:
+        return False
+    return acc.top1 <= 2 * 100.0 / acc.classes
 
 
 def _cpu_report(name: str, path: Path, metadata: dict[str, str], ui: UI) -> dict[str, Any]:
