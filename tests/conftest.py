@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# What the `qcli` command chooses (qcli.launch) for the in-process CLI runs here: passive
+# OpenMP waits, set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 
 import numpy as np

@@ -1,3 +1,3 @@
-from qcli.cli import main
+from qcli.launch import main
 
 main()
