@@ -1,8 +1,8 @@
 """Mixed-precision bit allocation: pick one width per quantizer under a budget.
 
-The integer program of AdaQuant's mixed-precision pipeline (Hubara et al. 2021, ALGORITHMS.md
-4.2), solved with OR-Tools CP-SAT, plus a greedy allocation over the same numbers as the
-baseline. Pure: numbers in, a choice out; measuring the numbers is `methods.sensitivity`.
+The integer program of AdaQuant's mixed-precision pipeline (Hubara et al., ICML'21), solved
+with OR-Tools CP-SAT, plus a greedy allocation over the same numbers as the baseline. Pure:
+numbers in, a choice out; measuring the numbers is `methods.sensitivity`.
 
 The problem: weight units (a conv/linear layer: its weight bits) and activation units (an
 activation quantizer: its bits). Each candidate width of a unit has a measured degradation

@@ -12,7 +12,7 @@ while T(x) keeps the float model's feature geometry (PKT) and stays away from x 
 
 The unit is then reconstructed on the originals plus T's images; only T learns in the meta
 phase (the real unit tensors are untouched). Choices where the paper's code is unspecified or
-questionable (ALGORITHMS.md §2):
+questionable (not fixed by the paper):
 
 - T is sized for a CPU (widths 16-32-64, two poolings, GroupNorm instead of BatchNorm, so
   that T(x) of an image does not depend on its batch) and starts near the identity: output =

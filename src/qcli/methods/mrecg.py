@@ -1,4 +1,4 @@
-"""MRECG: mixed reconstruction granularity (Ma et al., CVPR'23; ALGORITHMS.md 5.4).
+"""MRECG: mixed reconstruction granularity (Ma et al., CVPR'23).
 
 Block-wise reconstruction leaves a per-unit loss that oscillates along depth instead of
 growing smoothly: a unit with less capacity than the one before it amplifies the error it

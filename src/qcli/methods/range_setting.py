@@ -7,7 +7,6 @@ through the graph once with every activation quantizer observing instead of quan
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,12 +15,6 @@ from qcli.methods.registry import register_calibration
 from qcli.quant.capture import QuantGraph
 from qcli.quant.quantizer import observing
 from qcli.quant.ranges import make_estimator, weight_qparams
-
-
-@dataclass(frozen=True)
-class RangeSettings:
-    method: str = "mse"  # minmax | percentile | mse (activations)
-    weight_method: str | None = None  # defaults to `method` (percentile -> minmax for weights)
 
 
 def set_weight_ranges(qg: QuantGraph, method: str) -> None:

@@ -28,7 +28,6 @@ from qcli.methods.bit_allocation import (
     Unit,
     allocate,
     bops_total,
-    degradation,
     drop_total,
     uniform,
     weight_bytes,
@@ -392,13 +391,3 @@ def _summary_table(units: list[Unit], alloc: Allocation, ui: UI) -> None:
         for b, n in sorted(c.items())
     ]
     ui.table("chosen widths", ["quantizers", "bits", "count", "share"], rows)
-
-
-def predicted(units: list[Unit], bits: dict[str, int]) -> dict[str, float]:
-    """Additive predictions for any allocation (uniform rows of the benchmark use this)."""
-    return {
-        "kl": degradation(units, bits),
-        "drop_pct": drop_total(units, bits),
-        "size_bytes": weight_bytes(units, bits),
-        "bops": bops_total(units, bits),
-    }

@@ -1,4 +1,4 @@
-"""DGH: data generation for hardware-friendly PTQ (Dikstein et al., WACV'25; ALGORITHMS.md §1).
+"""DGH: data generation for hardware-friendly PTQ (Dikstein et al., WACV'25).
 
 Three parts over `bns`, each with a switch so the ablation can remove it alone:
 - `aggregate`: the BN loss compares the stored statistics with those of *all* N images. Only
