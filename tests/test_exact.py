@@ -22,6 +22,7 @@ from qcli.export.onnx_qdq import to_onnx
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant import exact
 from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig, weight_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,6 +191,52 @@ def test_float_ops_are_reported(tmp_path: Path):
     qg, x = calibrated(model, (8, 12, 12), "w8a8")
     res = exact.run_exact(qg.module, x)
     assert any("act" in f for f in res.float_ops)
+
+
+class MixedNet(nn.Module):
+    """Convs, a residual add, a concat and a classifier: enough quantizers to give
+    neighbouring layers different widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(8, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.other = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = torch.relu(self.a(h)) + self.b(h)
+        y = torch.cat([torch.relu(y), torch.relu(self.other(h))], 1)
+        return self.head(y.mean((2, 3), keepdim=True).flatten(1))
+
+
+def test_mixed_precision_plan_bit_exact(tmp_path: Path):
+    """A per-layer plan: 2-, 4- and 8-bit weights and activations on neighbouring layers
+    (narrow grids feeding full ones and back, inputs of different widths into the add and
+    the concat) is still bit exact."""
+    torch.manual_seed(6)
+    model, shape = MixedNet(), (8, 12, 12)
+    acts = [n for n, _ in capture(model.eval(), shape, BitConfig(8, 8)).act_quantizers()]
+    assert len(acts) >= 6
+    widths = [8, 2, 4]
+    plan = QuantPlan(4, 8).with_bits(
+        weights={"stem": 8, "a": 2, "b": 4, "other": 8, "head": 2},
+        activations={name: widths[i % 3] for i, name in enumerate(acts)},
+    )
+    g = torch.Generator().manual_seed(6)
+    x_cal, x = torch.randn(16, *shape, generator=g), torch.randn(8, *shape, generator=g)
+    qg = capture(model, shape, plan)
+    set_weight_ranges(qg, "minmax")
+    set_activation_ranges(qg, [x_cal], "minmax")
+    weight_bits = {name: m.weight_quantizer.spec.bits for name, m in qg.layers()}
+    assert weight_bits == {"stem": 8, "a": 2, "b": 4, "other": 8, "head": 2}
+    act_bits = {name: q.spec.bits for name, q in qg.act_quantizers()}
+    assert set(act_bits.values()) == {2, 4, 8}
+    res, differ = compare(qg, x, tmp_path)
+    assert res.float_ops == []
+    assert differ == {}
 
 
 # -- architectures --------------------------------------------------------------------------

@@ -6,8 +6,11 @@ that a MetaAug result survives .qcli -> ONNX -> onnxruntime like every method.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
+import resource
 from pathlib import Path
 
 import pytest
@@ -150,8 +153,13 @@ def test_meta_settings_are_checked():
     assert math.isclose(M.parse_weights("5,0.5,3e4")[2], 3e4)
 
 
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def test_metaaug_round_trips_through_onnxruntime(tmp_path: Path, weights: Path, images: Path):
     out = tmp_path / "meta.qcli"
+    rss_before = _peak_rss_mib()
     code, stdout, err = calibrate_r20(
         weights,
         images,
@@ -174,7 +182,12 @@ def test_metaaug_round_trips_through_onnxruntime(tmp_path: Path, weights: Path, 
     meta = json.loads((out / "manifest.json").read_text())["metrics"]["metaaug"]
     assert result["metaaug"]["seconds"] == meta["seconds"]
     assert meta["units"] and all(u["steps"] == 2 for u in meta["units"])
-    assert meta["peak_rss_mb"] > 0
+    # peak RSS in MiB of this very process, measured around the run: within what the test
+    # reads before and after it, and never falling from one unit to the next
+    lo, hi = rss_before - 0.1, _peak_rss_mib() + 0.1
+    peaks = [meta["peak_rss_mb_before"], *(u["peak_rss_mb"] for u in meta["units"])]
+    assert lo <= peaks[0] and all(a <= b + 0.1 for a, b in itertools.pairwise(peaks))
+    assert peaks[-1] <= meta["peak_rss_mb"] + 0.1 and meta["peak_rss_mb"] <= hi
     code, _, err = run("export", out, "--out", tmp_path / "meta.onnx")
     assert code == 0, err
 
@@ -203,12 +216,29 @@ def test_adaquant_layers_get_a_meta_phase_but_not_the_stem_or_classifier():
     assert out["metaaug"]["settings"]["iters"] == 1
 
 
-def test_quantize_passes_metaaug_on(tmp_path: Path, weights: Path, images: Path):
+def test_quantize_passes_metaaug_on(tmp_path: Path, weights: Path, images: Path, monkeypatch):
+    """`quantize --metaaug` runs MetaAug's meta phase: the written manifest reports it for
+    every unit it trains (not only the settings dict)."""
     from qcli.stages.common import ModelOptions
     from qcli.stages.quantize import QuantizeConfig, method_settings
 
     cfg = QuantizeConfig(ModelOptions("builtin:resnet20_cifar10"), tmp_path / "q", metaaug=True)
     assert method_settings("qdrop", cfg)["metaaug"] is True
+    # quantize has no --meta-iters: two meta steps per unit instead of 50 keep this fast
+    monkeypatch.setattr(M, "MetaAugSettings", functools.partial(M.MetaAugSettings, iters=2))
+    out = tmp_path / "meta"
+    code, _, err = run(
+        "quantize", "builtin:resnet20_cifar10", "--weights", weights, "--data", images,
+        "--bits", "w4a8", "--method", "qdrop", "--iters", "2", "--metaaug", "--no-latency",
+        "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
+    meta = manifest["metrics"]["metaaug"]
+    assert meta["settings"]["iters"] == 2
+    recon = [u["name"] for u in manifest["metrics"]["reconstruction"]["units"]]
+    assert [u["name"] for u in meta["units"]] == recon[1:-1]  # all but stem and classifier
+    assert all(u["steps"] == 2 and u["change"] > 0 for u in meta["units"])
     code, _, err = run(
         "quantize", "builtin:resnet20_cifar10", "--weights", weights, "--data", images,
         "--method", "mse", "--metaaug", "--out", tmp_path / "q",

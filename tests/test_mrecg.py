@@ -243,8 +243,25 @@ def test_quantize_refuses_mrecg_for_a_layer_method_before_any_work(weights: Path
     assert not (tmp_path / "q").exists()
 
 
-def test_quantize_passes_the_granularity_on():
+@pytest.mark.usefixtures("one_thread")
+def test_quantize_passes_the_granularity_on(weights: Path, images: Path, tmp_path: Path):
+    """`quantize --granularity mrecg` reconstructs MRECG's merged units: the written
+    manifest holds its decision and the units follow it (not only the settings dict)."""
     from qcli.stages.quantize import QuantizeConfig, method_settings
 
     cfg = QuantizeConfig(None, Path("q"), BitConfig(4, 4), granularity="mrecg")  # type: ignore[arg-type]
     assert method_settings("qdrop", cfg)["granularity"] == "mrecg"
+    out = tmp_path / "q"
+    code, _, err = run(
+        *("quantize", "builtin:resnet20_cifar10", "--weights", weights, "--data", images),
+        *("--bits", "w4a8", "--method", "qdrop", "--granularity", "mrecg", "--iters", "2"),
+        *("--no-latency", "--out", out),
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
+    recon = manifest["metrics"]["reconstruction"]
+    assert recon["settings"]["granularity"] == "mrecg"
+    d = recon["mrecg"]
+    merged = sum(len(g) - 1 for g in d["groups"])
+    assert d["capacity"] == "loss" and merged == d["merges"] >= 1
+    assert len(recon["units"]) == len(d["units"]) - merged

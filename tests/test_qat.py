@@ -185,6 +185,52 @@ def _no_progress():
     yield lambda n=1, label=None, skip=0: None
 
 
+def _acs_selection(qg, teacher: nn.Module, data: TrainImages, s: QATSettings, epoch: int):
+    """ACS's coreset computed from the model as it is now, outside the trainer: softmax of
+    the quantized and the float model (eval mode, no augmentation), scores, top share."""
+
+    def softmax(module: nn.Module, quantized: bool) -> torch.Tensor:
+        was = module.training
+        module.eval()
+        mode = QuantMode.QUANTIZE if quantized else QuantMode.OFF
+        out = []
+        with torch.no_grad(), quant_mode(qg.select(), mode):
+            for chunk in data.pixels.split(s.batch_size):
+                out.append(torch.softmax(module(data.normalize(chunk)), 1))
+        module.train(was)
+        return torch.cat(out)
+
+    probs, fp = softmax(qg.module, True), softmax(teacher, False)
+    scores = C.acs_scores(probs, fp, data.labels, epoch, s.epochs)
+    return C.select_top(scores, data.labels, s.fraction)
+
+
+def test_trainer_trains_on_the_acs_coreset_of_the_model_at_that_epoch():
+    """Every selection is `select_top(acs_scores(...))` of the quantized model as it stands
+    before that epoch (not just a coreset of the right size)."""
+    torch.manual_seed(0)
+    net, data = _toy_task()
+    qg = capture(net, (3, 8, 8), BitConfig(4, 4))
+    set_weight_ranges(qg, "mse")
+    set_activation_ranges(qg, [data.normalize(data.pixels)], "mse")
+    s = QATSettings(epochs=4, coreset="acs", fraction=0.25, interval=1, kd=False, lr=0.05)
+    s = replace(s, batch_size=16, augment="none")
+    trainer = Trainer(qg, net, data, s, Comm())
+    expected = [_acs_selection(qg, net, data, s, 0)]
+    chosen = []
+
+    def after_epoch(t: Trainer, stats) -> None:
+        chosen.append(t.coreset.clone())
+        if t.epoch < s.epochs:
+            expected.append(_acs_selection(qg, net, data, s, t.epoch))
+
+    trainer.run(lambda *a: _no_progress(), after_epoch)
+    assert len(chosen) == 4
+    for epoch, (got, want) in enumerate(zip(chosen, expected, strict=True)):
+        assert torch.equal(got, want), f"epoch {epoch}: the trainer's coreset is not ACS's"
+    assert len({C.fingerprint(c) for c in chosen}) > 1  # the scores moved with the model
+
+
 # --------------------------------------------------------------------------- stage and CLI
 
 
@@ -280,3 +326,64 @@ def test_torchrun_two_processes_select_identical_coresets_and_write_one_output(
     assert r.exit_code == 0, r.output
     check = json.loads(r.stdout)["check"]
     assert check["disagreement_pct"] == 0.0
+
+
+def _one_lsq_step(comm: Comm) -> dict[str, torch.Tensor]:
+    """Activation step sizes before and after one SGD step on the whole 96-image toy set,
+    split over `comm`'s processes (plain SGD-Nesterov: the step is proportional to the
+    step-size gradient, which LSQ's gradient scale sets)."""
+    torch.manual_seed(0)
+    net, data = _toy_task()
+    qg = capture(net, (3, 8, 8), BitConfig(4, 4))
+    set_weight_ranges(qg, "mse")
+    set_activation_ranges(qg, [data.normalize(data.pixels)], "mse")
+    acts = dict(qg.act_quantizers())
+    before = {f"before/{k}": q.scale.detach().clone() for k, q in acts.items()}
+    # lr 1: one step from the calibrated scales, large enough to compare in float32
+    s = QATSettings(epochs=1, coreset="full", kd=False, lr=1.0, batch_size=len(data))
+    Trainer(qg, net, data, replace(s, augment="none"), comm).run(lambda *a: _no_progress())
+    return {**before, **{f"after/{k}": q.scale.detach().clone() for k, q in acts.items()}}
+
+
+_LSQ_WORKER = """
+import sys
+import torch
+from qcli.distributed import start, stop
+from test_qat import _one_lsq_step
+
+comm = start(torch.device("cpu"))
+scales = _one_lsq_step(comm)
+if comm.primary:
+    torch.save(scales, sys.argv[1])
+stop(comm)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_take_the_one_process_lsq_step(tmp_path):
+    """One step on the same global batch moves every activation step size as far under two
+    processes as under one: LSQ's N counts the whole batch, not one process's slice."""
+    script, out = tmp_path / "worker.py", tmp_path / "scales.pt"
+    script.write_text(_LSQ_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), tests]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [*cmd, str(script), str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    two, one = torch.load(out), _one_lsq_step(Comm())
+    names = [k.removeprefix("after/") for k in one if k.startswith("after/")]
+    assert names and two.keys() == one.keys()
+    for name in names:
+        start = one[f"before/{name}"]
+        assert torch.equal(two[f"before/{name}"], start), name  # the same calibration
+        step = one[f"after/{name}"] - start
+        assert step.abs().min() > 1e-4 * start.abs().max(), name  # a step to compare
+        torch.testing.assert_close(
+            two[f"after/{name}"] - start,
+            step,
+            rtol=1e-3,
+            atol=0.0,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
