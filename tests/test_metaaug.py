@@ -24,6 +24,7 @@ from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.models.resnet_cifar import resnet20
 from qcli.quant.capture import capture
 from qcli.quant.partition import unit_module
+from qcli.quant.quantizer import composed
 from qcli.quant.spec import BitConfig
 from test_cli import calibrate_r20, run
 
@@ -134,7 +135,7 @@ def test_the_inner_step_is_differentiable_in_T():
     params = {names[id(p)]: p.requires_grad_(True) for g in groups for p in g["params"]}
     eta = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
     step = M._MetaStep(meta, chain, seg, unit, module, params, eta)
-    with M._Unfused(qg.module):
+    with composed(qg.select()):
         new = step.inner(meta.net(x[:16]))
         kl = M.kl_term(meta.fp_logits[16:32], M.functional_call(qg.module, new, (x[16:32],)))
         grads = torch.autograd.grad(kl, list(meta.net.parameters()), allow_unused=True)

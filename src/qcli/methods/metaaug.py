@@ -55,7 +55,7 @@ from qcli.methods.reconstruction import (
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QLinear
 from qcli.quant.partition import Unit, prefix_unit, unit_module
-from qcli.quant.quantizer import Quantizer
+from qcli.quant.quantizer import Quantizer, composed
 
 
 @dataclass(frozen=True)
@@ -274,26 +274,6 @@ def _to_unit(qg: QuantGraph, chain: Chain, seg: Unit, unit: Unit) -> Callable[[T
     return _compose(mods)
 
 
-class _Unfused:
-    """Quantizers on their composed (twice-differentiable) path while the meta step needs
-    second derivatives; the fused node's backward is once-differentiable. Same values."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.qs = [m for m in module.modules() if isinstance(m, Quantizer)]
-
-    def __enter__(self) -> None:
-        self.saved = [q.__dict__.get("fused") for q in self.qs]
-        for q in self.qs:
-            q.fused = False
-
-    def __exit__(self, *exc: object) -> None:
-        for q, old in zip(self.qs, self.saved, strict=True):
-            if old is None:
-                del q.fused
-            else:
-                q.fused = old
-
-
 @dataclass
 class MetaAug:
     """The run's T and its optimizer, the float targets of the original images, and the
@@ -385,7 +365,7 @@ class MetaAug:
         try:
             for p in params.values():
                 p.requires_grad_(True)
-            with _Unfused(self.qg.module):
+            with composed(m for m in self.qg.module.modules() if isinstance(m, Quantizer)):
                 for i in range(steps):
                     terms = step()
                     report.outer_first = terms["outer"] if i == 0 else report.outer_first

@@ -35,7 +35,7 @@ class Quantizer(nn.Module):
     methods can learn it. `drop_prob` > 0 (QDrop, inside `dropping` during reconstruction)
     keeps each element in float with that probability, so the unit learns to be robust to
     its neighbours' quantization noise. `fused` False selects the composed elementwise graph
-    and float32 `rand_like` masks: the reference that tests and
+    and float32 `rand_like` masks (inside `composed`): the reference that tests and
     `benchmarks/engine_profile.py` compare the fused path against.
     """
 
@@ -154,6 +154,25 @@ def quant_mode(quantizers: Iterable[Quantizer], mode: QuantMode) -> Iterator[lis
     finally:
         for q, m in saved:
             q.mode = m
+
+
+@contextlib.contextmanager
+def composed(quantizers: Iterable[Quantizer]) -> Iterator[None]:
+    """The composed fake-quant graph instead of the fused node inside the block: the same
+    values, but twice differentiable (MetaAug's second-order step) and the reference the
+    fused path is checked against. Each quantizer's own setting comes back on exit."""
+    qs = list(quantizers)
+    saved = [q.__dict__.get("fused") for q in qs]
+    for q in qs:
+        q.fused = False
+    try:
+        yield
+    finally:
+        for q, old in zip(qs, saved, strict=True):
+            if old is None:
+                del q.fused  # back to the class default
+            else:
+                q.fused = old
 
 
 @contextlib.contextmanager
