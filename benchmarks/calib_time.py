@@ -7,7 +7,7 @@ with minmax on the same 16 imagenet-sample images (`--limit 16 --seed 0`):
 - qcli: the CLI as a user runs it, in its own process (`python -m qcli calibrate ... --bits
   w8a8 --method minmax`), wall seconds of the whole command (imports, model load, capture,
   calibration, the int8 safe-range widening pass, saving);
-- onnxruntime: `qcli.evaluate.ort_baseline.ort_quantize_static` (QDQ, per-channel int8
+- onnxruntime: `suites.ort_baseline.ort_quantize_static` (QDQ, per-channel int8
   weights, uint8 activations, MinMax) on the same model's float ONNX, in its own process,
   wall seconds of the quantization (the float ONNX export is not counted).
 The two alternate within each repeat so load changes hit both alike; medians are reported.
@@ -39,8 +39,9 @@ ORT_WORKER = """
 import json, sys, time, warnings
 import numpy as np, torch
 from qcli.data import iterate, open_data
-from qcli.evaluate.ort_baseline import ort_quantize_static
 from qcli.stages.common import ModelOptions
+sys.path.insert(0, 'benchmarks')  # run from the repository root
+from suites.ort_baseline import ort_quantize_static
 images, classes, limit, seed, tmp = sys.argv[1:6]
 torch.manual_seed(int(seed))  # as calibrate does before loading: the same random weights
 loaded = ModelOptions(sys.argv[6]).load()

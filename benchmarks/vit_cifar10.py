@@ -112,14 +112,13 @@ def _fp32_onnx(module: torch.nn.Module, path: Path) -> None:
 
 def _ort_static(fp32: Path, out: Path, calib: np.ndarray, int4: bool) -> float:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    from qcli.evaluate.ort_baseline import _ArrayReader, _input_name
+    from suites.ort_baseline import ArrayReader, input_name
 
     start = time.perf_counter()
     quantize_static(
         str(fp32),
         str(out),
-        _ArrayReader(_input_name(fp32), [calib[i : i + 64] for i in range(0, len(calib), 64)]),
+        ArrayReader(input_name(fp32), [calib[i : i + 64] for i in range(0, len(calib), 64)]),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,

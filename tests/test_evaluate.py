@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -197,7 +198,16 @@ def test_file_size_of_file_and_folder(tmp_path):
         file_size(tmp_path / "missing")
 
 
-# onnxruntime's quantize_static as a peer baseline
+# onnxruntime's quantize_static as a peer baseline (benchmark code: benchmarks/suites)
+
+
+def _ort_baseline():
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    from suites import ort_baseline
+
+    return ort_baseline
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -207,7 +217,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_ort_quantize_static_runs_close_to_fp32(tiny, tmp_path, method):
-    from qcli.evaluate.ort_baseline import ort_quantize_static
+    ort_quantize_static = _ort_baseline().ort_quantize_static
 
     _, path = tiny
     rng = np.random.default_rng(0)
@@ -222,7 +232,7 @@ def test_ort_quantize_static_runs_close_to_fp32(tiny, tmp_path, method):
 
 
 def test_ort_quantize_static_rejects_unknown_method(tiny, tmp_path):
-    from qcli.evaluate.ort_baseline import ort_quantize_static
+    ort_quantize_static = _ort_baseline().ort_quantize_static
 
     with pytest.raises(UsageError, match="kl"):
         ort_quantize_static(tiny[1], tmp_path / "q.onnx", [np.zeros((1, 3, 16, 16))], method="kl")
@@ -241,7 +251,7 @@ def test_foreign_onnx_file_is_read_at_its_graph_input_size(tiny):
 def test_static_check_flags_onnxruntime_quantize_static_files(tiny, tmp_path):
     """Peers' full-range int8 files can saturate on CPUs without VNNI: eval's static check
     finds that on any CPU."""
-    from qcli.evaluate.ort_baseline import ort_quantize_static
+    ort_quantize_static = _ort_baseline().ort_quantize_static
     from qcli.export.kernels import pair_sum_violations
 
     calib = [np.random.default_rng(0).standard_normal((8, 3, 16, 16), dtype=np.float32)]

@@ -8,10 +8,12 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from qcli.evaluate.ort_baseline import ort_quantize_static
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, run as a script
+from suites.ort_baseline import ort_quantize_static
 
 
 def main(argv: list[str]) -> None:

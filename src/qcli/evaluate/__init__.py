@@ -1,7 +1,4 @@
-"""Accuracy, agreement, latency and size, measured the same way for torch and onnxruntime.
-
-`ort_baseline` (onnxruntime's own `quantize_static`) is imported on demand by benchmarks.
-"""
+"""Accuracy, agreement, latency and size, measured the same way for torch and onnxruntime."""
 
 from qcli.evaluate.accuracy import Accuracy, accuracy
 from qcli.evaluate.latency import LatencyStats, file_size, latency

@@ -30,7 +30,7 @@ METHODS = {
 }
 
 
-class _ArrayReader(CalibrationDataReader):
+class ArrayReader(CalibrationDataReader):
     """Feeds the given calibration batches to onnxruntime's calibrator, one batch per call."""
 
     def __init__(self, input_name: str, batches: Sequence[np.ndarray]):
@@ -46,7 +46,7 @@ class _ArrayReader(CalibrationDataReader):
         self._it = iter(self.batches)
 
 
-def _input_name(path: Path) -> str:
+def input_name(path: Path) -> str:
     """The model's one graph input that is not an initializer."""
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
@@ -91,7 +91,7 @@ def ort_quantize_static(
     src, out = Path(fp32_onnx_path), Path(out_path)
     if not src.is_file():
         raise QcliError(f"ONNX model file '{src}' does not exist")
-    reader = _ArrayReader(_input_name(src), calibration_batches)
+    reader = ArrayReader(input_name(src), calibration_batches)
     with tempfile.TemporaryDirectory(prefix="qcli-ortq-") as tmp:
         model = _preprocess(src, Path(tmp))
         quantize_static(
