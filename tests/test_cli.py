@@ -53,7 +53,9 @@ def qmodel(tmp_path_factory, weights: Path, images: Path) -> Path:
 def test_chain_calibrate_export_eval(tmp_path: Path, qmodel: Path, images: Path, weights: Path):
     manifest = json.loads((qmodel / "manifest.json").read_text())
     assert manifest["bits"] == "w8a8" and manifest["method"]["name"] == "minmax"
-    assert len(manifest["layers"]) == 20 and manifest["calibration"]["images"] == 16
+    weight_specs = [k for k in manifest["plan"]["specs"] if k.endswith(".weight_quantizer")]
+    assert len(weight_specs) == 20 and manifest["calibration"]["images"] == 16
+    assert not {"layers", "activations", "keep_fp", "int8_range"} & set(manifest)  # in plan
     onnx_path = tmp_path / "r20.onnx"
     code, out, err = run("export", qmodel, "--out", onnx_path, "--json")
     assert code == 0, err

@@ -27,7 +27,7 @@ from qcli.export.onnx_qdq import to_onnx
 from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import capture
-from qcli.quant.plan import QuantPlan
+from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
 from qcli.quant.spec import SAFE_INT8_LIMIT, BitConfig, QuantSpec, weight_spec
 
 SATURATES_HERE = kernels.saturates(kernels.cpu_kernel_class())
@@ -327,7 +327,10 @@ def test_calibrate_records_widened_layers_and_export_stores_them_unsigned(
     assert res.exit_code == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     widened = set(manifest["metrics"]["int8_range"]["widened"])
-    limits = {layer["name"]: layer["weight"]["limit"] for layer in manifest["layers"]}
+    specs = manifest["plan"]["specs"].items()
+    limits = {
+        k.removesuffix(WEIGHT_SUFFIX): s["limit"] for k, s in specs if k.endswith(WEIGHT_SUFFIX)
+    }
     assert {n for n, lim in limits.items() if lim is None} == widened
     assert all(limits[n] == SAFE_INT8_LIMIT for n in limits if n not in widened)
     # the reloaded simulation is built from the recorded specs, not from the defaults

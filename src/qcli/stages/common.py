@@ -115,17 +115,6 @@ def report_skipped(ds: Dataset, ui: UI) -> int:
 def save_qmodel(
     path: Path, qg: QuantGraph, loaded: LoadedModel, extra: dict[str, Any], force: bool
 ) -> None:
-    layers = []
-    for name, layer in qg.layers():
-        wq = layer.weight_quantizer
-        layers.append(
-            {
-                "name": name,
-                "type": type(layer).__name__.removeprefix("Q"),
-                "weight": wq.spec.to_dict() if wq is not None else None,
-            }
-        )
-    acts = [{"name": n, **q.spec.to_dict()} for n, q in qg.act_quantizers()]
     manifest = {
         "qcli_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -133,12 +122,8 @@ def save_qmodel(
         "model_name": loaded.name,
         "checksum": loaded.checksum,
         "input_spec": loaded.input_spec.to_dict(),
-        "bits": qg.base_plan.describe(),
-        "keep_fp": list(qg.keep_fp),
-        "int8_range": qg.int8_range,
-        "plan": qg.plan.to_dict(),  # what a reload rebuilds; the rest is for people to read
-        "layers": layers,
-        "activations": acts,
+        "bits": qg.base_plan.describe(),  # a label for people; `plan` is what is read back
+        "plan": qg.plan.to_dict(),  # every quantizer's spec: what a reload rebuilds
         **extra,
     }
     write_qmodel(path, manifest, qg.module.state_dict(), force)

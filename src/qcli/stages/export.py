@@ -127,7 +127,7 @@ def export(cfg: ExportConfig, ui: UI) -> dict[str, Any]:
     return {
         "out": str(cfg.out),
         "opset": opset,
-        "bits": qm.manifest.get("bits"),
+        "bits": qm.graph.base_plan.describe(),
         "weight_storage": cfg.weight_storage,
         "int8_range": qm.graph.int8_range,
         "exact_on": props["qcli_exact_on"].split(","),
