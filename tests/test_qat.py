@@ -27,7 +27,7 @@ from qcli.methods.qat import QATSettings, Trainer, TrainImages, augment, draw_au
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant import primitives as P
 from qcli.quant.capture import capture
-from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode, set_batch_replicas
+from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode, replicated
 from qcli.quant.spec import BitConfig, activation_spec, weight_spec
 from qcli.stages.common import ModelOptions
 from qcli.stages.qat import QATConfig, qat
@@ -110,8 +110,7 @@ def test_learn_mode_step_size_gradient_does_not_depend_on_the_process_count():
     x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0))
 
     def grad(batch: torch.Tensor, replicas: int) -> torch.Tensor:
-        set_batch_replicas([q], replicas)
-        with quant_mode([q], QuantMode.LEARN):
+        with replicated([q], replicas), quant_mode([q], QuantMode.LEARN):
             (g,) = torch.autograd.grad(q(batch).square().mean(), q.scale)
         return g
 
@@ -120,6 +119,7 @@ def test_learn_mode_step_size_gradient_does_not_depend_on_the_process_count():
     torch.testing.assert_close(halves, whole)
     unscaled = (grad(x[:4], 1) + grad(x[4:], 1)) / 2  # what the slices gave before
     assert not torch.allclose(unscaled, whole)
+    assert q.batch_replicas == 1  # the count is restored
 
 
 def test_crop_flip_augmentation_keeps_shape_and_can_be_the_identity():

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from qcli import __version__
+from qcli import __version__, distributed
 from qcli.errors import QcliError, UsageError
 from qcli.export.onnx_qdq import WEIGHT_STORAGES
 from qcli.methods.registry import CALIBRATION_METHODS, DATA_METHODS, load_all
@@ -216,7 +216,7 @@ def run_stage(title: str, rows: Callable[[dict], list[tuple]]) -> Callable:
 
             try:
                 result = fn(*args, ui=ui, **kwargs)
-                if os.environ.get("RANK", "0") != "0":
+                if not distributed.reporting_process():
                     pass  # under torchrun, rank 0 alone reports
                 elif as_json:
                     click.echo(dump_json(result))

@@ -78,6 +78,11 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def reporting_process() -> bool:
+    """Whether this process prints the command's result: rank 0 under torchrun, else yes."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def start(default_device: torch.device) -> Comm:
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA, device from LOCAL_RANK),
     or a world of one."""

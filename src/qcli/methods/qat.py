@@ -34,7 +34,7 @@ from qcli.distributed import Comm
 from qcli.errors import UsageError
 from qcli.methods import coreset as C
 from qcli.quant.capture import QuantGraph
-from qcli.quant.quantizer import QuantMode, quant_mode, set_batch_replicas, set_mode
+from qcli.quant.quantizer import QuantMode, quant_mode, replicated
 
 OPTIMIZERS = ("sgd", "adam")
 # With BN folded there is no normalization to absorb large steps: on ResNet-20 W4A4 (2,048
@@ -191,8 +191,6 @@ class Trainer:
         teacher.to(self.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        set_mode(qg.select(), QuantMode.LEARN)
-        set_batch_replicas(qg.select(weights=False), comm.world)
         groups = _param_groups(qg, s.weight_decay)
         if s.optimizer == "sgd":
             self.opt = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, nesterov=True)
@@ -243,7 +241,17 @@ class Trainer:
         after_epoch: Callable[[Trainer, EpochStats], None] | None = None,
     ) -> list[EpochStats]:
         """Train the remaining epochs; `task(label, total)` gives each epoch a progress bar
-        (advance per step); `after_epoch` checkpoints and reports."""
+        (advance per step); `after_epoch` checkpoints and reports. The quantizers learn (LSQ)
+        inside the run only, with the step-size gradient of the global batch."""
+        learn = quant_mode(self.qg.select(), QuantMode.LEARN)
+        with learn, replicated(self.qg.select(weights=False), self.comm.world):
+            return self._epochs(task, after_epoch)
+
+    def _epochs(
+        self,
+        task: Callable[[str, int | None], contextlib.AbstractContextManager],
+        after_epoch: Callable[[Trainer, EpochStats], None] | None,
+    ) -> list[EpochStats]:
         s = self.s
         while self.epoch < s.epochs:
             t = self.epoch
@@ -275,8 +283,6 @@ class Trainer:
             self.epoch = t + 1
             if after_epoch is not None:
                 after_epoch(self, stats)
-        set_mode(self.qg.select(), QuantMode.QUANTIZE)
-        set_batch_replicas(self.qg.select(weights=False), 1)
         return self.history
 
     def select(self, epoch: int) -> tuple[Tensor, float | None]:

@@ -93,8 +93,8 @@ class _WeightQuantMixin:
         The ONNX file stores exactly these integers and the exact mode adds them."""
         if self.bias is None or self.quantized_bias() is self.bias:
             return None
-        s = P.bias_scale(self.input_quantizer.scale.float(), self.weight_quantizer.scale.float())
-        return torch.round(self.bias.detach().float() / s).to(torch.int64)
+        s_in, s_w = self.input_quantizer.scale.float(), self.weight_quantizer.scale.float()
+        return P.bias_codes(self.bias.detach().float(), s_in, s_w).to(torch.int64)
 
 
 class QConv2d(_WeightQuantMixin, nn.Conv2d):

@@ -453,6 +453,12 @@ def bias_scale(input_scale: Tensor, weight_scale: Tensor) -> Tensor:
     return input_scale * weight_scale
 
 
+def bias_codes(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
+    """The int32 integers (as float) an integer kernel adds to its accumulator: the bias on
+    the grid input scale x weight scale, rounded half to even."""
+    return torch.round(bias / bias_scale(input_scale, weight_scale))
+
+
 def fake_quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
     """Round a bias onto the int32 accumulator grid, as QLinearConv consumes it."""
     s = bias_scale(input_scale, weight_scale)
@@ -465,5 +471,4 @@ BIAS_LIMIT = 2**30  # calibrated biases stay below this many steps: int32 with h
 
 def bias_fits_int32(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> bool:
     with torch.no_grad():
-        q = torch.round(bias / bias_scale(input_scale, weight_scale))
-        return bool(q.abs().max() <= INT32_MAX)
+        return bool(bias_codes(bias, input_scale, weight_scale).abs().max() <= INT32_MAX)

@@ -138,10 +138,19 @@ def set_mode(quantizers: Iterable[Quantizer], mode: QuantMode) -> None:
         q.mode = mode
 
 
-def set_batch_replicas(quantizers: Iterable[Quantizer], replicas: int) -> None:
-    """Activation quantizers' `batch_replicas`: the processes sharing each step's batch."""
-    for q in quantizers:
+@contextlib.contextmanager
+def replicated(quantizers: Iterable[Quantizer], replicas: int) -> Iterator[None]:
+    """Inside the block each step's batch is shared by `replicas` processes (torchrun), so
+    LEARN scales the step-size gradient by the global batch; each quantizer's own count
+    comes back on exit."""
+    saved = [(q, q.batch_replicas) for q in quantizers]
+    for q, _ in saved:
         q.batch_replicas = replicas
+    try:
+        yield
+    finally:
+        for q, n in saved:
+            q.batch_replicas = n
 
 
 @contextlib.contextmanager
