@@ -14,7 +14,7 @@ from qcli.methods.generators.bns import BnsSettings, generate_bns, total_steps
 from qcli.methods.generators.images import pixel_bounds
 from qcli.methods.generators.noise import NoiseSettings, generate_noise
 from qcli.methods.registry import DATA_METHODS
-from qcli.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from qcli.models.input_spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
 SPEC = InputSpec(size=(16, 16), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 FAST = BnsSettings(num_images=8, batch_size=8, iters=5)

@@ -242,7 +242,7 @@ import json, resource, sys, torch
 from torch import nn
 torch.set_num_threads(1)
 from qcli.methods.generators.dgh import DghSettings, generate_dgh
-from qcli.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from qcli.models.input_spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(),
                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()

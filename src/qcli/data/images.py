@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from qcli.errors import QcliError, UsageError
-from qcli.models.spec import InputSpec
+from qcli.models.input_spec import InputSpec
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 CLASS_LIST_FILES = ("wnids.txt", "classes.txt")

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from qcli.artifacts.dataset import read_dataset
 from qcli.data.images import ClassList, ImageFolderSet, UnreadableImage, select_indices
 from qcli.errors import QcliError, UsageError
-from qcli.models.spec import InputSpec
+from qcli.models.input_spec import InputSpec
 
 
 class TensorSet(Dataset):

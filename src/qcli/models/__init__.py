@@ -1,10 +1,9 @@
 """MODEL specs, builtin architectures and input specs."""
 
 from qcli.models.builtin import Architecture, build_architecture
+from qcli.models.input_spec import IMAGENET_SPEC, InputSpec
 from qcli.models.resnet_cifar import resnet20
 from qcli.models.spec import (
-    IMAGENET_SPEC,
-    InputSpec,
     LoadedModel,
     ModelSource,
     load_model,

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from qcli.errors import QcliError
-from qcli.models.spec import IMAGENET_MEAN, IMAGENET_SPEC, IMAGENET_STD, InputSpec, family_of
+from qcli.models.input_spec import (
+    IMAGENET_MEAN,
+    IMAGENET_SPEC,
+    IMAGENET_STD,
+    InputSpec,
+    family_of,
+)
 
 StateConverter = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], Path], dict]
 

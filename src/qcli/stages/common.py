@@ -20,7 +20,7 @@ from qcli.artifacts import read_qmodel, write_qmodel
 from qcli.data import iterate, open_data
 from qcli.errors import QcliError, UsageError
 from qcli.models import InputSpec, LoadedModel, ModelSource, load_model
-from qcli.models.spec import family_of
+from qcli.models.input_spec import family_of
 from qcli.quant.capture import QuantGraph, capture
 from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
 from qcli.quant.spec import BitConfig, QuantSpec
