@@ -183,13 +183,13 @@ def test_quantize_mixed_allocates_at_the_uniform_size(tmp_path, weights, images)
 def test_sensitivity_measures_only_real_choices():
     import torch
 
-    from qcli.methods.sensitivity import measure_units
+    from qcli.methods.sensitivity import sensitivity_units
     from qcli.models import resnet20
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     steps = []
-    units = measure_units(
+    units = sensitivity_units(
         resnet20().eval(), (3, 32, 32), QuantPlan(), (2, 8), (8,), x, 4, steps.append
     )
     weights = [u for u in units if u.kind == "weight"]
@@ -198,3 +198,64 @@ def test_sensitivity_measures_only_real_choices():
     assert all(u.deg == (0.0,) for u in acts)
     assert sum(u.deg[0] for u in weights) > sum(u.deg[1] for u in weights)  # 2 bits hurt more
     assert all(u.params > 0 and u.macs > 0 for u in weights)
+
+
+def test_estimated_sensitivities_follow_the_measured_ones():
+    """The one-pass second-order estimate ranks quantizers as measuring each alone does,
+    and for the small changes of 8 bits (where the expansion holds) gives the same KL."""
+    import torch
+
+    from qcli.methods.sensitivity import sensitivity_units
+    from qcli.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    got, steps = {}, []
+    for mode in ("measure", "estimate"):
+        units = sensitivity_units(
+            model, (3, 32, 32), QuantPlan(), (2, 8), (4, 8), x, 8, steps.append, mode
+        )
+        got[mode] = {(u.name, b): d for u in units for b, d in zip(u.bits, u.deg, strict=True)}
+        assert all(bool(u.drop) == (mode == "measure") for u in units)
+    # measured: once per quantizer and width; estimated: once per width (2, 4 and 8)
+    assert len(steps) == 20 * 2 + 30 * 2 + 3
+
+    def ranks(v: list[float]) -> torch.Tensor:
+        return torch.tensor(v).argsort().argsort().double()
+
+    for b, min_rho in ((2, 0.85), (8, 0.95)):
+        keys = [k for k in got["measure"] if k[1] == b]
+        m = [got["measure"][k] for k in keys]
+        e = [got["estimate"][k] for k in keys]
+        rho = float(torch.corrcoef(torch.stack([ranks(m), ranks(e)]))[0, 1])
+        assert rho > min_rho, (b, rho)
+    small = [k for k in got["measure"] if k[1] == 8]
+    ratio = sum(got["estimate"][k] for k in small) / sum(got["measure"][k] for k in small)
+    assert 0.8 < ratio < 1.25, ratio
+
+
+def test_estimated_sensitivities_end_to_end(tmp_path, weights, images):
+    out = tmp_path / "bits.json"
+    base = ("allocate-bits", R20, "--weights", weights, "--data", images)
+    code, stdout, err = run(
+        *base, "--weight-bits", "2,4,8", "--max-size", "4bit", "--sensitivity", "estimate",
+        "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["size_bytes"] <= result["budget"]["value"]
+    assert len(set(result["weight_bits"].values())) > 1  # a mixed plan
+    info = json.loads(out.read_text())["sensitivities"]["info"]
+    assert info["mode"] == "estimate"
+    code, _, err = run(*base, "--sensitivity", "estimate", "--max-drop", "1")
+    assert code == 2 and "--sensitivity measure" in err
+    code, _, err = run(
+        *base, "--sensitivities", out, "--sensitivity", "measure", "--max-size", "4bit"
+    )
+    assert code == 2 and "--sensitivities" in err
+    code, _, err = run(
+        "allocate-bits", R20, "--weights", weights, "--sensitivities", out,
+        "--weight-bits", "2,4,8", "--max-drop", "1",
+    )  # fmt: skip
+    assert code == 2 and "measured" in err  # an estimated file has no drops to sum

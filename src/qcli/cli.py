@@ -20,6 +20,7 @@ from qcli import __version__, distributed
 from qcli.errors import QcliError, UsageError
 from qcli.export.onnx_qdq import WEIGHT_STORAGES
 from qcli.methods.registry import CALIBRATION_METHODS, DATA_METHODS, load_all
+from qcli.methods.sensitivity import SENSITIVITY_MODES
 from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.ui import RichUI
@@ -1210,6 +1211,13 @@ def _allocate_rows(r: dict) -> list[tuple]:
     type=PathArg(exists=True, dir_okay=False, path_type=Path),
     help="Reuse the sensitivities stored in an earlier bits.json (no --data needed).",
 )
+@click.option(
+    "--sensitivity",
+    type=click.Choice(SENSITIVITY_MODES),
+    help="measure [default]: run the model once per quantizer and width; estimate: every "
+    "quantizer's KL from one forward and 4 backward passes per batch and width (a "
+    "second-order estimate; not with --max-drop).",
+)
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
 @int8_range_option
 @click.option("--out", type=PathArg(path_type=Path), help="bits.json to write.")
@@ -1229,6 +1237,7 @@ def allocate_bits(
     solver,
     images,
     sensitivities,
+    sensitivity,
     keep_fp,
     int8_range,
     out,
@@ -1240,7 +1249,8 @@ def allocate_bits(
     """Choose per-layer bit widths under a budget; writes bits.json for calibrate.
 
     Measures how much each quantizer alone degrades the model at every candidate width
-    (KL to the float output on the calibration images), then picks one width per quantizer
+    (KL to the float output on the calibration images; --sensitivity estimate: a one-pass
+    second-order estimate of it), then picks one width per quantizer
     minimizing the summed degradation under the budget (or the size under --max-drop).
 
     \b
@@ -1251,6 +1261,8 @@ def allocate_bits(
           --bit-config bits.json --method mse --out r20-mixed.qcli
       qcli allocate-bits builtin:resnet20_cifar10 --weights r20.th \\
           --sensitivities bits.json --max-size 3bit --solver greedy --out bits3.json
+      qcli allocate-bits builtin:efficientnet_lite0 --data calib/ --images 100 \\
+          --sensitivity estimate --max-size 4bit --out bits.json
     """
     from qcli.stages.allocate import AllocateConfig, parse_budget, parse_widths
     from qcli.stages.allocate import allocate_bits as run
@@ -1283,9 +1295,12 @@ def allocate_bits(
         int8_range,
         images,
         sensitivities,
+        sensitivity or "measure",
         seed=seed,
         force=force,
     )
+    if sensitivities is not None and sensitivity is not None:
+        raise UsageError("--sensitivity does not apply with --sensitivities (nothing is measured)")
     return run(cfg, ui)
 
 

@@ -12,7 +12,7 @@ degradation is recorded as 0, which shifts every allocation's predicted sum alik
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from qcli.methods.bit_allocation import Unit
 from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
+from qcli.methods.second_order import EstimateSettings, output_kl
 from qcli.quant.capture import QuantGraph, capture
 from qcli.quant.plan import QuantPlan
-from qcli.quant.quantizer import QuantMode, quant_mode
+from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ def _float_reference(qg: QuantGraph, images: Tensor, batch: int) -> tuple[Tensor
     return logp, logp.argmax(1)
 
 
-@torch.no_grad()
-def measure_units(
+SENSITIVITY_MODES = ("measure", "estimate")
+
+
+def sensitivity_units(
     model: nn.Module,
     shape: tuple[int, ...],
     base: QuantPlan,
@@ -92,12 +95,19 @@ def measure_units(
     images: Tensor,
     batch: int = 64,
     progress: Callable[[int], None] | None = None,
+    mode: str = "measure",
+    estimate: EstimateSettings | None = None,
 ) -> list[Unit]:
     """One Unit per weight and activation quantizer, with its degradation at every width.
 
-    `base` gives everything but the widths (kept layers, int8 range, signedness). Progress
-    advances once per quantizer and width measured.
+    `base` gives everything but the widths (kept layers, int8 range, signedness). "measure"
+    runs the model once per quantizer and width, and also scores the confidence lost (for
+    drop budgets); "estimate" gives the KL of all quantizers of a width from one forward and
+    `estimate.draws` backward passes per batch (`second_order.output_kl`), with no drop.
+    Progress advances once per quantizer and width measured, or once per width estimated.
     """
+    if mode not in SENSITIVITY_MODES:
+        raise ValueError(f"sensitivity mode must be one of {SENSITIVITY_MODES}, not {mode!r}")
     measured_w = len(set(weight_bits)) > 1
     measured_a = len(set(act_bits)) > 1
     widths = sorted(set(weight_bits if measured_w else ()) | set(act_bits if measured_a else ()))
@@ -108,49 +118,91 @@ def measure_units(
     for b in widths:
         plan = replace(base, weight_bits=b, act_bits=b, weights=(), activations=(), specs=())
         qg = calibrated_graph(model, shape, plan, images, batch)
-        fp_logp, fp_top = _float_reference(qg, images, batch)
-        quantizers = list(qg.quantizers())
         if not layers:
             layers = _layer_costs(qg, images[:1])
             acts = [n for n, _ in qg.act_quantizers()]
-        for name, q in quantizers:
+        todo = {}  # unit name -> its quantizer, for the quantizers with a choice at width b
+        for name, q in qg.quantizers():
             is_weight = name.endswith(".weight_quantizer")
-            if b not in (weight_bits if is_weight else act_bits):
-                continue
-            if not (measured_w if is_weight else measured_a):
-                continue
-            unit = name.removesuffix(".weight_quantizer") if is_weight else name
-            with quant_mode(qg.select(), QuantMode.OFF), quant_mode([q], QuantMode.QUANTIZE):
-                scores[unit, b] = score(_forward(qg, images, batch), fp_logp, fp_top)
+            chosen = measured_w if is_weight else measured_a
+            if chosen and b in (weight_bits if is_weight else act_bits):
+                todo[name.removesuffix(".weight_quantizer") if is_weight else name] = q
+        if mode == "measure":
+            for unit, s in _measured(qg, todo, images, batch, progress):
+                scores[unit, b] = s
+        else:
+            for unit, kl in _estimated(qg, todo, images, estimate or EstimateSettings()).items():
+                scores[unit, b] = Scores(kl, float("nan"))
             if progress:
                 progress(1)
     zero = Scores(0.0, 0.0)
+
+    def degradations(name: str, bits: tuple[int, ...]) -> tuple[tuple, tuple]:
+        kl = tuple(scores.get((name, b), zero).kl for b in bits)
+        lost = tuple(scores.get((name, b), zero).lost_pct for b in bits)
+        return kl, lost if mode == "measure" else ()
+
     units = []
+    wb, ab = tuple(sorted(weight_bits)), tuple(sorted(act_bits))
     for name, (params, macs, src) in layers.items():
-        wb = tuple(sorted(weight_bits))
-        units.append(
-            Unit(
-                name,
-                "weight",
-                wb,
-                tuple(scores.get((name, b), zero).kl for b in wb),
-                tuple(scores.get((name, b), zero).lost_pct for b in wb),
-                params=params,
-                macs=macs,
-                input_unit=src,
-            )
-        )
-    ab = tuple(sorted(act_bits))
+        kl, lost = degradations(name, wb)
+        units.append(Unit(name, "weight", wb, kl, lost, params=params, macs=macs, input_unit=src))
     for name in acts:
-        kls = tuple(scores.get((name, b), zero).kl for b in ab)
-        lost = tuple(scores.get((name, b), zero).lost_pct for b in ab)
-        units.append(Unit(name, "act", ab, kls, lost))
+        units.append(Unit(name, "act", ab, *degradations(name, ab)))
     return units
 
 
-def count_measurements(layers: int, acts: int, weight_bits, act_bits) -> int:
-    """Progress steps of `measure_units`."""
+@torch.no_grad()
+def _measured(
+    qg: QuantGraph,
+    todo: dict[str, Quantizer],
+    images: Tensor,
+    batch: int,
+    progress: Callable[[int], None] | None,
+) -> Iterator[tuple[str, Scores]]:
+    """Each quantizer alone switched on, the model run and scored against the float output."""
+    fp_logp, fp_top = _float_reference(qg, images, batch)
+    for unit, q in todo.items():
+        with quant_mode(qg.select(), QuantMode.OFF), quant_mode([q], QuantMode.QUANTIZE):
+            yield unit, score(_forward(qg, images, batch), fp_logp, fp_top)
+        if progress:
+            progress(1)
+
+
+def _estimated(
+    qg: QuantGraph, todo: dict[str, Quantizer], images: Tensor, settings: EstimateSettings
+) -> dict[str, float]:
+    """Every quantizer's KL at once, around the float model: a layer's output changes by the
+    layer applied to (quantized − float) weights, an activation by (quantized − float)."""
+    layers = dict(qg.layers())
+    sites = {
+        unit: (layers[unit], _weight_change(q)) if unit in layers else (q, _activation_change)
+        for unit, q in todo.items()
+    }
+    with quant_mode(qg.select(), QuantMode.OFF):
+        return output_kl(qg, images, sites, settings)
+
+
+def _weight_change(wq: Quantizer):
+    def change(layer: nn.Module, args: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        with quant_mode([wq], QuantMode.QUANTIZE):
+            dw = wq(layer.weight) - layer.weight
+        return layer.with_weights(args[0], dw, None)
+
+    return change
+
+
+def _activation_change(q: nn.Module, args: tuple[Tensor, ...], y: Tensor) -> Tensor:
+    with quant_mode([q], QuantMode.QUANTIZE):
+        return q.forward(args[0]) - args[0]  # not q(...): that would run this hook again
+
+
+def count_measurements(layers: int, acts: int, weight_bits, act_bits, mode: str = "measure") -> int:
+    """Progress steps of `sensitivity_units`."""
     nw, na = len(set(weight_bits)), len(set(act_bits))
+    if mode == "estimate":
+        widths = (set(weight_bits) if nw > 1 else set()) | (set(act_bits) if na > 1 else set())
+        return max(len(widths), 1)
     return layers * (nw if nw > 1 else 0) + acts * (na if na > 1 else 0)
 
 

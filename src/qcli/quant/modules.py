@@ -124,9 +124,14 @@ class QConv2d(_WeightQuantMixin, nn.Conv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.with_weights(x, self.quantized_weight(), self.quantized_bias())
+
+    def with_weights(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """The layer's function with weight `w` and bias `b` (its padding included): what a
+        change of the weights does to the output."""
         if self.pads is not None:
             x = F.pad(x, self.pads)
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        return self._conv_forward(x, w, b)
 
 
 class QLinear(_WeightQuantMixin, nn.Linear):
@@ -140,4 +145,7 @@ class QLinear(_WeightQuantMixin, nn.Linear):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.quantized_weight(), self.quantized_bias())
+        return self.with_weights(x, self.quantized_weight(), self.quantized_bias())
+
+    def with_weights(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.linear(x, w, b)

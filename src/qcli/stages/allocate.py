@@ -32,7 +32,12 @@ from qcli.methods.bit_allocation import (
     uniform,
     weight_bytes,
 )
-from qcli.methods.sensitivity import count_measurements, measure_plan, measure_units
+from qcli.methods.sensitivity import (
+    SENSITIVITY_MODES,
+    count_measurements,
+    measure_plan,
+    sensitivity_units,
+)
 from qcli.models import LoadedModel
 from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import MAX_BITS, MIN_BITS
@@ -152,6 +157,14 @@ def parse_widths(flag: str, text: str) -> tuple[int, ...]:
     return widths
 
 
+SENSITIVITY_METRICS = {
+    "measure": "kl: KL(float || only this quantizer at this width), nats; drop_pct: "
+    "confidence lost on the float top-1 class, 100 * mean max(0, p_float - p_quant)",
+    "estimate": "kl: second-order estimate of KL(float || only this quantizer at this width), "
+    "nats, from one forward and 4 backward passes per batch (methods/second_order.py)",
+}
+
+
 @dataclass(frozen=True)
 class AllocateConfig:
     model: ModelOptions
@@ -165,6 +178,7 @@ class AllocateConfig:
     int8_range: str = "safe"
     images: int = 256  # calibration images the sensitivities are measured on
     sensitivities: Path | None = None  # reuse the measurements of an earlier bits.json
+    sensitivity: str = "measure"  # or "estimate" (methods/sensitivity.py, SENSITIVITY_MODES)
     verify: bool = True  # measure the chosen plan as a whole (predicted vs measured)
     seed: int = 0
     force: bool = False
@@ -176,6 +190,13 @@ def allocate_bits(cfg: AllocateConfig, ui: UI) -> dict[str, Any]:
         raise UsageError(f"--solver must be one of {SOLVERS}")
     if cfg.data is None and cfg.sensitivities is None:
         raise UsageError("allocate-bits needs --data (calibration images) or --sensitivities")
+    if cfg.sensitivity not in SENSITIVITY_MODES:
+        raise UsageError(f"--sensitivity must be one of {', '.join(SENSITIVITY_MODES)}")
+    if cfg.budget.kind == "drop" and cfg.sensitivity == "estimate":
+        raise UsageError(
+            "--max-drop sums the confidence each quantizer loses, which --sensitivity estimate "
+            "does not give: use --sensitivity measure"
+        )
     inputs = {**cfg.model.input_files(), "--sensitivities": cfg.sensitivities}
     if cfg.data is not None:
         inputs |= cfg.data.input_files()
@@ -193,6 +214,11 @@ def allocate_bits(cfg: AllocateConfig, ui: UI) -> dict[str, Any]:
         units, sens_info = _reuse(cfg, loaded)
     else:
         units, sens_info = _measure(cfg, loaded, base, images, ui)
+    if cfg.budget.kind == "drop" and not all(u.drop for u in units):
+        raise UsageError(
+            "--max-drop sums the confidence each quantizer loses, which only measured "
+            "sensitivities have: use --sensitivity measure"
+        )
     budget = cfg.budget.resolve(units)
     with ui.task(f"solve ({cfg.solver})", total=None):
         alloc = allocate(units, budget, cfg.solver, seed=cfg.seed)
@@ -239,9 +265,10 @@ def _measure(cfg, loaded, base, images, ui) -> tuple[list[Unit], dict[str, Any]]
     probe = capture(loaded.module, shape, base)
     n_layers = sum(1 for _, layer in probe.layers() if layer.weight_quantizer is not None)
     n_acts = sum(1 for _ in probe.act_quantizers())
-    total = count_measurements(n_layers, n_acts, cfg.weight_bits, cfg.act_bits)
-    with ui.task("sensitivity", total=total) as advance:
-        units = measure_units(
+    mode = cfg.sensitivity
+    total = count_measurements(n_layers, n_acts, cfg.weight_bits, cfg.act_bits, mode)
+    with ui.task(f"sensitivity ({mode})", total=total) as advance:
+        units = sensitivity_units(
             loaded.module,
             shape,
             base,
@@ -250,10 +277,11 @@ def _measure(cfg, loaded, base, images, ui) -> tuple[list[Unit], dict[str, Any]]
             images,
             cfg.data.batch_size,
             advance,
+            mode,
         )
     info = {
-        "metric": "kl: KL(float || only this quantizer at this width), nats; drop_pct: "
-        "confidence lost on the float top-1 class, 100 * mean max(0, p_float - p_quant)",
+        "mode": mode,
+        "metric": SENSITIVITY_METRICS[mode],
         "calibration": "mse ranges per width",
         "images": int(images.shape[0]),
         "data": str(cfg.data.path),
