@@ -21,7 +21,7 @@ from qcli.evaluate.ort import run_with_tensors
 from qcli.export.onnx_qdq import to_onnx
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant import exact
-from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.capture import QuantGraph, apply_plan, capture
 from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig, weight_spec
 
@@ -155,7 +155,8 @@ def test_uint8_stored_widened_weights_bit_exact(tmp_path: Path):
     torch.manual_seed(2)
     qg, x = calibrated(Conv(), (8, 12, 12), "w8a8")
     conv = dict(qg.layers())["conv"]
-    conv.weight_quantizer.spec = weight_spec(8)  # full int8 range, as widening leaves it
+    apply_plan(qg, qg.base_plan.widened(["conv"]))  # full int8 range, as widening leaves it
+    assert conv.weight_quantizer.spec == weight_spec(8)
     set_weight_ranges(qg, "minmax")
     model = to_onnx(qg)
     inits = {i.name: i for i in model.graph.initializer}

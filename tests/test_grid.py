@@ -149,3 +149,16 @@ def test_apply_plan_regrids_through_the_resolver_and_reports_what_changed():
     assert apply_plan(qg, plan) == []
     with pytest.raises(ValueError, match="stay float"):
         apply_plan(qg, _plan(keep_fp=("linear",)))
+
+
+def test_a_widened_plan_gives_the_chosen_layers_the_full_grid():
+    plan = _plan().widened(["conv"])
+    assert plan.spec("conv.weight_quantizer") == weight_spec(8)
+    specs = resolve_specs(plan, FACTS)
+    assert specs["conv.weight_quantizer"] == weight_spec(8)
+    assert specs["fc.weight_quantizer"].limit == SAFE_INT8_LIMIT  # the others stay narrowed
+    assert QuantPlan.from_json(plan.to_json()) == plan  # the manifest carries it
+    # a layer with an exact (reloaded) narrowed spec is widened at its bits
+    reloaded = QuantPlan(specs={"fc.weight_quantizer": weight_spec(8, limit=SAFE_INT8_LIMIT)})
+    assert reloaded.widened(["fc"]).spec("fc.weight_quantizer") == weight_spec(8)
+    assert _plan().widened([]) == _plan()
