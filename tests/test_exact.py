@@ -52,7 +52,7 @@ def calibrated(model: nn.Module, shape: tuple[int, ...], bits: str, seed: int = 
     g = torch.Generator().manual_seed(seed)
     x_cal = torch.randn(16, *shape, generator=g)
     x = torch.randn(8, *shape, generator=g)
-    qg = capture(model.eval(), shape, BitConfig.parse(bits))
+    qg = capture(model.eval(), shape, QuantPlan.uniform(BitConfig.parse(bits)))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x_cal], "minmax")
     return qg, x
@@ -219,7 +219,8 @@ def test_mixed_precision_plan_bit_exact(tmp_path: Path):
     the concat) is still bit exact."""
     torch.manual_seed(6)
     model, shape = MixedNet(), (8, 12, 12)
-    acts = [n for n, _ in capture(model.eval(), shape, BitConfig(8, 8)).act_quantizers()]
+    uniform = capture(model.eval(), shape, QuantPlan.uniform(BitConfig(8, 8)))
+    acts = [n for n, _ in uniform.act_quantizers()]
     assert len(acts) >= 6
     widths = [8, 2, 4]
     plan = QuantPlan(4, 8).with_bits(

@@ -231,7 +231,7 @@ def test_kernel_check_counts_images_whose_class_changes(tmp_path):
 
 def _calibrated_mixed(seed: int = 0):
     torch.manual_seed(seed)
-    qg = capture(Mixed().eval(), (3, 8, 8), BitConfig(8, 8))
+    qg = capture(Mixed().eval(), (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x], "minmax")
@@ -337,7 +337,7 @@ def test_widening_costs_a_fixed_number_of_forwards_not_one_per_layer():
     (with its backward passes) and `exact` + 1 forwards, however many layers there are.
     Counted as images through the first layer, which only a whole-model forward runs."""
     torch.manual_seed(0)
-    qg = capture(Deep().eval(), (3, 8, 8), BitConfig(8, 8))
+    qg = capture(Deep().eval(), (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x], "minmax")

@@ -177,18 +177,15 @@ class QuantGraph:
         return self
 
 
-def capture(
-    model: nn.Module, input_shape: tuple[int, ...], plan: QuantPlan | BitConfig
-) -> QuantGraph:
-    """Build the quantized simulation of `model` (which is not modified) as `plan` says.
+def capture(model: nn.Module, input_shape: tuple[int, ...], plan: QuantPlan) -> QuantGraph:
+    """Build the quantized simulation of `model` (which is not modified) as `plan` says
+    (`QuantPlan.uniform(BitConfig(w, a))` for one width everywhere).
 
-    A `BitConfig` means the uniform plan of those widths. Layers in `plan.keep_fp` stay float
-    with a float output; every quantizer gets the spec `grid.resolve_specs` gives it from the
-    plan and the graph (which activation quantizer feeds which layer). A plan naming a layer
-    or quantizer the model does not have is an error, not silently ignored.
+    Layers in `plan.keep_fp` stay float with a float output; every quantizer gets the spec
+    `grid.resolve_specs` gives it from the plan and the graph (which activation quantizer
+    feeds which layer). A plan naming a layer or quantizer the model does not have is an
+    error, not silently ignored.
     """
-    if isinstance(plan, BitConfig):
-        plan = QuantPlan.uniform(plan)
     keep = plan.keep_fp
     model = copy.deepcopy(model).float().eval()
     example = torch.zeros(1, *input_shape)
