@@ -8,10 +8,12 @@ Steps, each a small pass over a torch.fx graph:
 3. fold what depends on parameters only (Swin's relative position bias) into constants, and
    split scaled-dot-product attention into two MatMuls around a float softmax;
 4. fold every BatchNorm that follows a conv into that conv;
-5. swap conv/linear for QConv2d/QLinear (weight quantizers);
-6. insert an activation quantizer wherever an integer deployment has one (ops.py says where):
-   after every compute op, integer or float, so float ops run between DequantizeLinear and
-   QuantizeLinear and data movement passes quantized values through.
+5. mark an activation quantizer site wherever an integer deployment has one (ops.py says
+   where): after every compute op, integer or float, so float ops run between
+   DequantizeLinear and QuantizeLinear and data movement passes quantized values through;
+6. resolve every quantizer's spec from the plan and the graph (`grid.resolve_specs`: which
+   site feeds which layer decides its ±64 narrowing), then swap conv/linear for
+   QConv2d/QLinear and each site for its Quantizer, built with that spec.
 The result is the simulation: running it is running the quantized model.
 """
 
