@@ -51,6 +51,7 @@ from qcli.models.builtin import build_architecture
 from qcli.models.spec import ModelSource, load_model
 from qcli.quant import primitives as P
 from qcli.quant.capture import capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.quantizer import Quantizer
 from qcli.quant.spec import BitConfig
 
@@ -213,7 +214,7 @@ def _setup(q, images: torch.Tensor, mode: str) -> torch.Tensor:
 def engine(key: str, bits: str, iters: int, repeats: int, compare: str) -> dict[str, Any]:
     module, shape, weights = load(key)
     images = torch.randn(IMAGES, *shape, generator=torch.Generator().manual_seed(0))
-    qg = capture(module, shape, BitConfig.parse(bits))
+    qg = capture(module, shape, QuantPlan.uniform(BitConfig.parse(bits)))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, images.split(IMAGES), "minmax")
     settings = settings_for("qdrop", {"iters": iters, "batch_size": IMAGES, "eval_images": IMAGES})

@@ -14,6 +14,7 @@ from qcli.methods.chain import Chain, merge_steps, unit_plan
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.models.resnet_cifar import resnet20
 from qcli.quant.capture import capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 
 # Per-unit loss after reconstruction, and the sum of |parameters| of the model afterwards.
@@ -27,7 +28,7 @@ PINNED_UNITS = {"adaround": (0, 1, 2, 7, 18), "brecq": (0, 1, 2, 7, 10), "qdrop"
 
 def _graph(seed: int = 0):
     torch.manual_seed(seed)  # the model's random init only; the engine uses its own generators
-    qg = capture(resnet20().eval(), (3, 16, 16), BitConfig(3, 4))
+    qg = capture(resnet20().eval(), (3, 16, 16), QuantPlan.uniform(BitConfig(3, 4)))
     x = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     set_weight_ranges(qg, "mse")
     set_activation_ranges(qg, x.split(16), "mse")

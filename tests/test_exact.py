@@ -22,7 +22,7 @@ from qcli.export import kernels
 from qcli.export.onnx_qdq import to_onnx
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant import exact
-from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.capture import QuantGraph, apply_plan, capture
 from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig, weight_spec
 
@@ -53,7 +53,7 @@ def calibrated(model: nn.Module, shape: tuple[int, ...], bits: str, seed: int = 
     g = torch.Generator().manual_seed(seed)
     x_cal = torch.randn(16, *shape, generator=g)
     x = torch.randn(8, *shape, generator=g)
-    qg = capture(model.eval(), shape, BitConfig.parse(bits))
+    qg = capture(model.eval(), shape, QuantPlan.uniform(BitConfig.parse(bits)))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x_cal], "minmax")
     return qg, x
@@ -156,7 +156,8 @@ def test_uint8_stored_widened_weights_bit_exact(tmp_path: Path):
     torch.manual_seed(2)
     qg, x = calibrated(Conv(), (8, 12, 12), "w8a8")
     conv = dict(qg.layers())["conv"]
-    conv.weight_quantizer.spec = weight_spec(8)  # full int8 range, as widening leaves it
+    apply_plan(qg, qg.base_plan.widened(["conv"]))  # full int8 range, as widening leaves it
+    assert conv.weight_quantizer.spec == weight_spec(8)
     set_weight_ranges(qg, "minmax")
     model = to_onnx(qg)
     inits = {i.name: i for i in model.graph.initializer}
@@ -219,7 +220,8 @@ def test_mixed_precision_plan_bit_exact(tmp_path: Path):
     the concat) is still bit exact."""
     torch.manual_seed(6)
     model, shape = MixedNet(), (8, 12, 12)
-    acts = [n for n, _ in capture(model.eval(), shape, BitConfig(8, 8)).act_quantizers()]
+    uniform = capture(model.eval(), shape, QuantPlan.uniform(BitConfig(8, 8)))
+    acts = [n for n, _ in uniform.act_quantizers()]
     assert len(acts) >= 6
     widths = [8, 2, 4]
     plan = QuantPlan(4, 8).with_bits(

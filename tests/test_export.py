@@ -33,6 +33,7 @@ from qcli.export.kernels import pair_sum_violations
 from qcli.export.onnx_qdq import INPUT_NAME, to_onnx
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.quantizer import QuantMode
 from qcli.quant.spec import BitConfig
 
@@ -152,7 +153,7 @@ def prepared(key: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def quantized(key: str, bits: str, method: str = "minmax") -> tuple[QuantGraph, torch.Tensor]:
     model, x_cal, x_check = prepared(key)
     size = ARCHS[key].size
-    qg = capture(model, (3, size, size), BitConfig.parse(bits))
+    qg = capture(model, (3, size, size), QuantPlan.uniform(BitConfig.parse(bits)))
     set_weight_ranges(qg, method)
     set_activation_ranges(qg, [x_cal], method)
     return qg, x_check

@@ -14,6 +14,7 @@ from torch import nn
 from qcli.export.onnx_qdq import to_onnx
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import QuantGraph, capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 from qcli.stages.export import agreement_report, compare_with_simulation
 
@@ -85,7 +86,7 @@ class _TinyLogits(nn.Module):
 def tiny() -> tuple[QuantGraph, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(32, 3, 16, 16)
-    qg = capture(_TinyLogits().eval(), (3, 16, 16), BitConfig.parse("w8a8"))
+    qg = capture(_TinyLogits().eval(), (3, 16, 16), QuantPlan.uniform(BitConfig.parse("w8a8")))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x], "minmax")
     return qg, x

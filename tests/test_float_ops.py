@@ -28,13 +28,14 @@ from qcli.export.onnx_qdq import INPUT_NAME, to_onnx
 from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
 from qcli.models.builtin import build_architecture
 from qcli.quant.capture import capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibrated(model: nn.Module, shape: tuple[int, ...], bits: str = "w8a8"):
-    qg = capture(model.eval(), shape, BitConfig.parse(bits))
+    qg = capture(model.eval(), shape, QuantPlan.uniform(BitConfig.parse(bits)))
     x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(0))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x], "minmax")
@@ -100,7 +101,7 @@ def test_untraceable_submodule_becomes_a_float_leaf_and_exports():
 
 def test_top_level_control_flow_is_refused_in_one_sentence():
     with pytest.raises(QcliError, match=r"top-level forward has data-dependent control flow"):
-        capture(Gated().eval(), (4, 4, 4), BitConfig(8, 8))
+        capture(Gated().eval(), (4, 4, 4), QuantPlan.uniform(BitConfig(8, 8)))
 
 
 class Attention(nn.Module):
@@ -145,7 +146,7 @@ def test_attention_runs_its_two_products_in_integer_matmuls():
 
 def test_attention_split_computes_what_sdpa_computes():
     m = Attention().eval()
-    qg = capture(m, (3, 8, 8), BitConfig(8, 8))
+    qg = capture(m, (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     from qcli.quant.capture import set_float
 
@@ -193,7 +194,7 @@ def test_a_conv_subclass_with_another_function_is_not_taken_for_a_conv():
     assert ops.module_op(net.plain) == "conv"
     from qcli.quant.capture import set_float
 
-    qg = capture(net.eval(), (3, 8, 8), BitConfig(8, 8))
+    qg = capture(net.eval(), (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     set_float(qg)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():

@@ -24,7 +24,13 @@ from torch import nn
 from qcli.evaluate import KernelCheck, OrtModel
 from qcli.export import kernels
 from qcli.export.onnx_qdq import to_onnx
-from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
+from qcli.methods.int8_range import (
+    WidenSettings,
+    apply_widened,
+    narrowed_layers,
+    widen_sensitive_layers,
+    widened,
+)
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant.capture import capture
 from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
@@ -225,7 +231,7 @@ def test_kernel_check_counts_images_whose_class_changes(tmp_path):
 
 def _calibrated_mixed(seed: int = 0):
     torch.manual_seed(seed)
-    qg = capture(Mixed().eval(), (3, 8, 8), BitConfig(8, 8))
+    qg = capture(Mixed().eval(), (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x], "minmax")
@@ -236,18 +242,23 @@ def _calibrated_mixed(seed: int = 0):
 def test_widening_stays_within_its_multiply_add_budget(share):
     qg, x = _calibrated_mixed()
     before = {n for n, _ in narrowed_layers(qg)}
-    report = widen_sensitive_layers(qg, x, "minmax", WidenSettings(mac_share=share, min_kl=-1.0))
-    widened = set(report["widened"])
+    plan, report = widen_sensitive_layers(
+        qg, x, "minmax", WidenSettings(mac_share=share, min_kl=-1.0)
+    )
+    chosen = set(report["widened"])
     assert report["mac_share"] <= share + 1e-9
-    assert widened <= before
+    assert chosen <= before
+    changed = apply_widened(qg, plan, "minmax")
+    assert set(changed) == {f"{n}.weight_quantizer" for n in chosen}
     after = {n for n, _ in narrowed_layers(qg)}
-    assert after == before - widened  # exactly the chosen layers lost their limit
+    assert after == before - chosen  # exactly the chosen layers lost their limit
+    assert qg.plan == capture(Mixed().eval(), (3, 8, 8), qg.plan).plan  # a reload rebuilds it
     if share == 1.0:
-        assert widened == before  # no KL threshold and the whole budget: all fit
+        assert chosen == before  # no KL threshold and the whole budget: all fit
     if share == 0.0:
-        assert widened == set()
+        assert chosen == set()
     for name, layer in qg.layers():
-        if name in widened:
+        if name in chosen:
             ints = layer.weight_quantizer.quantize_int(layer.weight)
             assert int(ints.abs().max()) == 127  # the full grid, ranges set afresh
 
@@ -264,10 +275,44 @@ def test_widening_picks_the_layer_whose_narrowing_moves_the_output(exact):
         w[:, 0] = 1.0
         layers["fc"].weight.copy_(w)
     set_weight_ranges(qg, "minmax")
-    report = widen_sensitive_layers(qg, x, "minmax", WidenSettings(mac_share=1.0, exact=exact))
+    _, report = widen_sensitive_layers(qg, x, "minmax", WidenSettings(mac_share=1.0, exact=exact))
     ranked = list(report["kl_if_widened"])
     assert ranked[0] == "fc", report["kl_if_widened"]
     assert len(report["kl_measured"]) == exact
+
+
+def test_widening_returns_a_plan_and_leaves_the_graph_alone_until_it_is_applied():
+    """The pass tries widened grids only inside `widened` (which restores them) and hands
+    back a plan: every quantizer's spec, scale and zero point are as they were, bit for bit,
+    until `apply_widened` gives the graph that plan through the resolver."""
+    qg, x = _calibrated_mixed()
+    state = {k: v.clone() for k, v in qg.module.state_dict().items()}
+    specs = {n: q.spec for n, q in qg.quantizers()}
+    base = qg.base_plan
+    settings = WidenSettings(mac_share=1.0, min_kl=-1.0)
+    plan, report = widen_sensitive_layers(qg, x, "minmax", settings)
+    assert report["widened"] and qg.base_plan == base
+    assert {n: q.spec for n, q in qg.quantizers()} == specs
+    after = qg.module.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert plan == base.widened(report["widened"])
+    apply_widened(qg, plan, "minmax")
+    assert qg.base_plan == plan
+    assert {n for n, q in qg.quantizers() if q.spec != specs[n]} == {
+        f"{n}.weight_quantizer" for n in report["widened"]
+    }
+
+
+def test_trying_a_widened_grid_restores_the_graph_even_on_an_error():
+    qg, _ = _calibrated_mixed()
+    (name, layer), *_ = narrowed_layers(qg)
+    wq = layer.weight_quantizer
+    spec, scale = wq.spec, wq.scale.detach().clone()
+    with pytest.raises(RuntimeError), widened(qg, [name], "minmax"):
+        assert wq.spec.limit is None and qg.base_plan.spec(f"{name}.weight_quantizer")
+        raise RuntimeError("measurement failed")
+    assert wq.spec == spec and torch.equal(wq.scale, scale)
+    assert qg.base_plan.spec(f"{name}.weight_quantizer") is None
 
 
 class Deep(nn.Module):
@@ -292,7 +337,7 @@ def test_widening_costs_a_fixed_number_of_forwards_not_one_per_layer():
     (with its backward passes) and `exact` + 1 forwards, however many layers there are.
     Counted as images through the first layer, which only a whole-model forward runs."""
     torch.manual_seed(0)
-    qg = capture(Deep().eval(), (3, 8, 8), BitConfig(8, 8))
+    qg = capture(Deep().eval(), (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     set_weight_ranges(qg, "minmax")
     set_activation_ranges(qg, [x], "minmax")
@@ -303,7 +348,7 @@ def test_widening_costs_a_fixed_number_of_forwards_not_one_per_layer():
     handle = first.register_forward_hook(lambda m, a, y: seen.append(y.shape[0]))
     settings = WidenSettings(mac_share=0.5, min_kl=-1.0)
     try:
-        report = widen_sensitive_layers(qg, x, "minmax", settings)
+        _, report = widen_sensitive_layers(qg, x, "minmax", settings)
     finally:
         handle.remove()
     forwards = (sum(seen) - 1) / len(x)  # full-batch forwards after layer_macs' one image

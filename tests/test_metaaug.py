@@ -24,6 +24,7 @@ from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.models.resnet_cifar import resnet20
 from qcli.quant.capture import capture
 from qcli.quant.partition import unit_module
+from qcli.quant.plan import QuantPlan
 from qcli.quant.quantizer import composed
 from qcli.quant.spec import BitConfig
 from test_cli import calibrate_r20, run
@@ -35,7 +36,7 @@ NORM = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # pixels 0..1 -> -2
 
 def _graph(seed: int = 0):
     torch.manual_seed(seed)  # the model's random init only
-    qg = capture(resnet20().eval(), (3, 16, 16), BitConfig(3, 4))
+    qg = capture(resnet20().eval(), (3, 16, 16), QuantPlan.uniform(BitConfig(3, 4)))
     x = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 4 - 2
     set_weight_ranges(qg, "mse")
     set_activation_ranges(qg, x.split(16), "mse")

@@ -15,6 +15,7 @@ from qcli.data import iterate, open_data
 from qcli.errors import QcliError, UsageError
 from qcli.models import InputSpec, ModelSource, build_architecture, load_model, resnet20
 from qcli.quant.capture import capture, set_float
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 
 R20 = "builtin:resnet20_cifar10"
@@ -145,7 +146,7 @@ def test_efficientnet_lite0_weights_map_by_position_and_trace() -> None:
     # capture (fixed 'same' pads, BN folded) computes timm's function with the same weights
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     reference.load_state_dict(dict(zip(reference.state_dict(), raw.values(), strict=True)))
-    qg = capture(loaded.module, (3, 64, 64), BitConfig(8, 8))
+    qg = capture(loaded.module, (3, 64, 64), QuantPlan.uniform(BitConfig(8, 8)))
     set_float(qg)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

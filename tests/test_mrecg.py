@@ -13,6 +13,7 @@ from torch import nn
 from qcli.methods import mrecg
 from qcli.methods import reconstruction as R
 from qcli.quant.capture import capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 from test_cli import calibrate_r20, run
 
@@ -117,7 +118,7 @@ class _Net(nn.Module):
 @pytest.fixture(scope="module")
 def net_graph():
     torch.manual_seed(0)
-    return capture(_Net().eval(), (3, 16, 16), BitConfig(4, 8))
+    return capture(_Net().eval(), (3, 16, 16), QuantPlan.uniform(BitConfig(4, 8)))
 
 
 def test_data_free_decision_on_known_capacities(net_graph):

@@ -10,12 +10,13 @@ import timm
 from qcli.models import resnet20
 from qcli.quant.capture import capture
 from qcli.quant.partition import partition
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 
 
 @pytest.fixture(scope="module")
 def r20():
-    return capture(resnet20().eval(), (3, 32, 32), BitConfig(8, 8))
+    return capture(resnet20().eval(), (3, 32, 32), QuantPlan.uniform(BitConfig(8, 8)))
 
 
 @pytest.mark.parametrize("granularity", ["layer", "block", "stage"])
@@ -44,7 +45,11 @@ def test_units_have_one_input_from_the_previous_unit(r20):
 
 
 def test_inverted_residuals_are_blocks():
-    qg = capture(timm.create_model("tf_efficientnet_lite0").eval(), (3, 64, 64), BitConfig(8, 8))
+    qg = capture(
+        timm.create_model("tf_efficientnet_lite0").eval(),
+        (3, 64, 64),
+        QuantPlan.uniform(BitConfig(8, 8)),
+    )
     names = [u.name for u in partition(qg, "block")]
     assert "blocks.1.0" in names and "blocks.1.1" in names
     assert len(partition(qg, "layer")) > len(names) > len(partition(qg, "stage"))

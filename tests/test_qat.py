@@ -27,6 +27,7 @@ from qcli.methods.qat import QATSettings, Trainer, TrainImages, augment, draw_au
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
 from qcli.quant import primitives as P
 from qcli.quant.capture import capture
+from qcli.quant.plan import QuantPlan
 from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode, replicated
 from qcli.quant.spec import BitConfig, activation_spec, weight_spec
 from qcli.stages.common import ModelOptions
@@ -165,7 +166,7 @@ def _loss(qg, data: TrainImages) -> float:
 def test_qat_lowers_the_loss_of_a_tiny_quantized_model():
     torch.manual_seed(0)
     net, data = _toy_task()
-    qg = capture(net, (3, 8, 8), BitConfig(4, 4))
+    qg = capture(net, (3, 8, 8), QuantPlan.uniform(BitConfig(4, 4)))
     set_weight_ranges(qg, "mse")
     set_activation_ranges(qg, [data.normalize(data.pixels)], "mse")
     before = _loss(qg, data)
@@ -210,7 +211,7 @@ def test_trainer_trains_on_the_acs_coreset_of_the_model_at_that_epoch():
     before that epoch (not just a coreset of the right size)."""
     torch.manual_seed(0)
     net, data = _toy_task()
-    qg = capture(net, (3, 8, 8), BitConfig(4, 4))
+    qg = capture(net, (3, 8, 8), QuantPlan.uniform(BitConfig(4, 4)))
     set_weight_ranges(qg, "mse")
     set_activation_ranges(qg, [data.normalize(data.pixels)], "mse")
     s = QATSettings(epochs=4, coreset="acs", fraction=0.25, interval=1, kd=False, lr=0.05)
@@ -334,7 +335,7 @@ def _one_lsq_step(comm: Comm) -> dict[str, torch.Tensor]:
     step-size gradient, which LSQ's gradient scale sets)."""
     torch.manual_seed(0)
     net, data = _toy_task()
-    qg = capture(net, (3, 8, 8), BitConfig(4, 4))
+    qg = capture(net, (3, 8, 8), QuantPlan.uniform(BitConfig(4, 4)))
     set_weight_ranges(qg, "mse")
     set_activation_ranges(qg, [data.normalize(data.pixels)], "mse")
     acts = dict(qg.act_quantizers())

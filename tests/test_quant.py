@@ -425,7 +425,7 @@ def _module_node(qg, target: str) -> fx.Node:
 
 def test_bn_folding_preserves_function():
     net = small_net()
-    qg = capture(net, (3, 8, 8), BitConfig(8, 8))
+    qg = capture(net, (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qg.module.modules())
     set_float(qg)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -436,7 +436,7 @@ def test_bn_folding_preserves_function():
 
 
 def test_quantizer_placement():
-    qg = capture(small_net(), (3, 8, 8), BitConfig(4, 8))
+    qg = capture(small_net(), (3, 8, 8), QuantPlan.uniform(BitConfig(4, 8)))
     nodes, mods = _nodes(qg)
 
     def users(n: fx.Node) -> list[fx.Node]:
@@ -505,7 +505,7 @@ def test_no_quantizer_between_conv_and_relu_through_identity():
             return self.fc(x.mean((2, 3)))
 
     torch.manual_seed(0)
-    qg = capture(_randomize_bn(ConvIdRelu()), (3, 8, 8), BitConfig(8, 8))
+    qg = capture(_randomize_bn(ConvIdRelu()), (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     _, mods = _nodes(qg)
     conv = _module_node(qg, "conv")
     path = []
@@ -544,7 +544,7 @@ def test_unknown_module_runs_in_float_and_is_named():
     """An op outside the table (Upsample) is not refused: it runs in float between DQ and
     Q, the report names it, and its output is quantized like any compute op's."""
     net = small_net(tail=nn.Sequential(nn.Upsample(scale_factor=2)))
-    qg = capture(net, (3, 8, 8), BitConfig(8, 8))
+    qg = capture(net, (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     report = qg.op_report()
     # the block's residual add feeds only the float Upsample: it is not requantized either
     assert report["float_ops"] == {"Upsample": 1, "add": 1}
@@ -566,7 +566,7 @@ class WithLSTM(nn.Module):
 
 
 def test_lstm_runs_in_float_with_its_outputs_quantized():
-    qg = capture(WithLSTM().eval(), (3, 4, 4), BitConfig(8, 8))
+    qg = capture(WithLSTM().eval(), (3, 4, 4), QuantPlan.uniform(BitConfig(8, 8)))
     report = qg.op_report()
     assert report["float_ops"] == {"LSTM": 1, "add": 1}  # the add makes the float logits
     assert any("head.0" in node for node in report["float_nodes"])
@@ -577,7 +577,7 @@ def test_lstm_runs_in_float_with_its_outputs_quantized():
 
 def test_capture_leaves_logits_float_and_runs_quantized():
     net = small_net()
-    qg = capture(net, (3, 8, 8), BitConfig(8, 8))
+    qg = capture(net, (3, 8, 8), QuantPlan.uniform(BitConfig(8, 8)))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     for _, q in qg.act_quantizers():
         q.set_qparams(t(0.05), t(128.0) if q.spec.qmin == 0 else t(0.0))

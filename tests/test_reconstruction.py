@@ -21,6 +21,7 @@ from qcli.methods.tuning import ChannelStats, tune_statistics
 from qcli.quant.capture import capture
 from qcli.quant.modules import QConv2d
 from qcli.quant.partition import unit_module
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 from test_cli import calibrate_r20, run
 
@@ -45,7 +46,7 @@ def _toy(seed: int = 0) -> nn.Module:
 
 
 def _calibrated(bits: BitConfig, seed: int = 0):
-    qg = capture(_toy(seed), (3, 8, 8), bits)
+    qg = capture(_toy(seed), (3, 8, 8), QuantPlan.uniform(bits))
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
     set_weight_ranges(qg, "mse")
     set_activation_ranges(qg, x.split(16), "mse")

@@ -28,6 +28,7 @@ from qcli.data import ImageFolderSet, TensorSet, iterate, open_data
 from qcli.evaluate import OrtModel, accuracy
 from qcli.export import kernels
 from qcli.quant.capture import capture, set_float
+from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
 from qcli.stages.calibrate import CalibrateConfig, calibrate
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
@@ -472,7 +473,7 @@ def export_fp32_onnx(ctx: Context, b: Bench) -> tuple[Path, str]:
     d.mkdir(parents=True, exist_ok=True)
     module = loaded.module.eval()
     if dynamic:
-        qg = capture(loaded.module, b.input_shape, BitConfig(8, 8))
+        qg = capture(loaded.module, b.input_shape, QuantPlan.uniform(BitConfig(8, 8)))
         set_float(qg)
         module = qg.module.eval()
     example = torch.zeros(1, *b.input_shape)

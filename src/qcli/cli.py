@@ -21,6 +21,7 @@ from qcli.errors import QcliError, UsageError
 from qcli.export.onnx_qdq import WEIGHT_STORAGES
 from qcli.methods.registry import CALIBRATION_METHODS, DATA_METHODS, load_all
 from qcli.methods.sensitivity import SENSITIVITY_MODES
+from qcli.quant.grid import narrowing_blocker
 from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.ui import RichUI
@@ -251,13 +252,15 @@ def _refuse_given(params: tuple[str, ...], why: str) -> None:
 
 
 def _widen_share(share: float | None, int8_range: str, bits: BitConfig | None) -> float | None:
-    """--int8-widen-share only where there is a narrowed grid to widen (`bits` None: a
-    bits.json plan, whose widths are read later)."""
+    """--int8-widen-share only where there is a narrowed grid to widen, as the grid
+    resolver's `narrowing_blocker` says (`bits` None: a bits.json plan, whose widths are
+    read later)."""
     if share is None:
         return None
-    if int8_range != "safe":
+    blocker = narrowing_blocker(int8_range, None if bits is None else bits.weight)
+    if blocker == "int8_range":
         raise UsageError("--int8-widen-share applies only to --int8-range safe")
-    if bits is not None and bits.weight != 8:
+    if blocker == "weight_bits":
         raise UsageError(
             f"--int8-widen-share applies only to 8-bit weights, not {bits.weight}-bit ones"
         )

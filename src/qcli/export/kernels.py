@@ -30,8 +30,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-INT16_MAX = 32767
-U8_MAX = 255
+# The pair-sum rule is the grid resolver's (it narrows and stores grids by it); this module
+# applies it to files and CPUs.
+from qcli.quant.grid import INT16_MAX, U8_MAX, max_pair_sum
 
 # CPU integer-kernel classes, as `cpu_kernel_class` names them.
 AVX2 = "avx2"
@@ -97,17 +98,6 @@ def cpu_kernel_class() -> str:
 def saturates(kernel_class: str) -> bool:
     """Whether u8×s8 kernels on this class can saturate (unknown CPUs: assume they can)."""
     return kernel_class not in INT32_ACCUMULATING
-
-
-def max_pair_sum(weight_ints: np.ndarray, act_max: int = U8_MAX) -> int:
-    """Worst int16 pair sum of a u8×s8 layer: a_max · (two largest |w| of a channel)."""
-    w = np.abs(weight_ints.astype(np.int64).reshape(weight_ints.shape[0], -1))
-    if w.shape[1] == 1:
-        top2 = w[:, 0]
-    else:
-        part = -np.partition(-w, 1, axis=1)
-        top2 = part[:, 0] + part[:, 1]
-    return int(act_max * top2.max()) if top2.size else 0
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ Storage:
   kernel). Below the storage width the values simply stay inside the narrower range
   [qmin, qmax], so the same integers and scales give the same function in either storage;
 - a layer whose int8 weights could saturate the int16 pair sums of onnxruntime's u8×s8
-  kernels on x86 without VNNI (`kernels.max_pair_sum`) is stored as uint8 with zero point
-  128 instead (u8×u8 kernels never saturate), unless the model was calibrated with
-  `int8_range="full"` for CPUs known to accumulate in int32;
+  kernels on x86 without VNNI is stored as uint8 with zero point 128 instead (u8×u8 kernels
+  never saturate), unless the model was calibrated with `int8_range="full"` for CPUs known
+  to accumulate in int32; `quant.grid.stores_unsigned` decides, as that module decides
+  every grid;
 - activations use uint8 (int8 when signed) at every width. Below 8 bits a Clip to
   [(qmin - zp)·s, (qmax - zp)·s] precedes QuantizeLinear, which makes its saturation equal
   the narrower clamp of the simulation. uint4 activations are avoided on purpose: onnxruntime
@@ -39,7 +40,8 @@ from qcli import __version__
 from qcli.errors import QcliError
 from qcli.export import fallback, kernels
 from qcli.quant import exact, ops
-from qcli.quant.capture import QuantGraph, hardtanh_bounds, pairs_products
+from qcli.quant.capture import QuantGraph, hardtanh_bounds
+from qcli.quant.grid import U8_ZP, pairs_products, stores_unsigned
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.primitives import bias_scale
 from qcli.quant.quantizer import Quantizer
@@ -47,7 +49,6 @@ from qcli.quant.quantizer import Quantizer
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 WEIGHT_STORAGES = ("int8", "int4")
-U8_ZP = 128  # uint8 weights: the int8 integers shifted up, so u8×u8 kernels run them
 
 
 def _storage(bits: int, signed: bool, packed: bool = False) -> tuple[int, int, int]:
@@ -63,15 +64,6 @@ def needs_opset21(qg: QuantGraph, weight_storage: str = "int8") -> bool:
         layer.weight_quantizer is not None and layer.weight_quantizer.spec.bits <= 4
         for _, layer in qg.layers()
     )
-
-
-def stores_unsigned(layer: QConv2d | QLinear, ints: np.ndarray, int8_range: str) -> bool:
-    """Whether a layer's int8 weights go to the file as uint8 (zero point 128): when its
-    u8×s8 kernel could saturate an int16 pair sum on a CPU without VNNI (export.kernels)."""
-    iq = layer.input_quantizer
-    if int8_range == "full" or iq is None or iq.spec.signed or not pairs_products(layer):
-        return False
-    return kernels.max_pair_sum(ints, iq.spec.qmax) > kernels.INT16_MAX
 
 
 @dataclass
@@ -167,7 +159,10 @@ class _Writer:
         dtype, _, _ = _storage(wq.spec.bits, wq.spec.signed, self.weight_storage == "int4")
         ints = wq.quantize_int(w).numpy()
         zp = wq.zero_point.detach().cpu().numpy().round()
-        if dtype == TensorProto.INT8 and stores_unsigned(layer, ints, self.int8_range):
+        iq = layer.input_quantizer
+        if dtype == TensorProto.INT8 and stores_unsigned(
+            self.int8_range, iq.spec if iq is not None else None, pairs_products(layer), ints
+        ):
             dtype, ints, zp = TensorProto.UINT8, ints + U8_ZP, zp + U8_ZP
         q = self.const(f"{hint}_weight_int", ints, dtype)
         s = self.const(f"{hint}_weight_scale", wq.scale.detach().float().cpu().numpy())

@@ -1,14 +1,16 @@
 """Give the full int8 weight grid back to the few layers that need it.
 
 Under `--int8-range safe` every 8-bit weight grid that onnxruntime adds in int16 pairs starts
-narrowed to ±64 (`quant.capture.safe_weight_spec`): fast u8×s8 kernels, exact on every CPU.
+narrowed to ±64 (`quant.grid.resolve_specs`): fast u8×s8 kernels, exact on every CPU.
 A few layers lose accuracy from that (on EfficientNet-Lite0 the stem and the first
 projections). This pass widens them back to the full grid, which the exporter stores as uint8
 weights (u8×u8 kernels: exact everywhere too, about half the speed for that layer).
 
 Layers are ranked by how far widening each one alone moves the model's output (KL divergence
 on a few calibration images) per multiply-add, and widened while their multiply-adds stay
-within `mac_share` of the model's, which bounds the latency cost.
+within `mac_share` of the model's, which bounds the latency cost. The pass decides, it does
+not change the graph: it returns the plan with those layers widened (`QuantPlan.widened`),
+which `apply_widened` gives the graph through the grid resolver, ranges set afresh.
 
 Measuring that KL with one forward per layer made the pass cost layers × model (ResNet-50's
 calibrate: 268 s on 2 shared cores, now 34 s; benchmarks/calib_time.md). It is estimated
@@ -23,6 +25,8 @@ EfficientNet-Lite0 the chosen layers overlap the exact pass's in 7 of 10 (calib_
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qcli.quant.capture import QuantGraph
+from qcli.quant.capture import QuantGraph, apply_plan
 from qcli.quant.modules import QConv2d, QLinear
+from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
 from qcli.quant.ranges import weight_qparams
-from qcli.quant.spec import weight_spec
 
 
 @dataclass(frozen=True)
@@ -62,26 +66,25 @@ def narrowed_layers(qg: QuantGraph) -> list[tuple[str, QConv2d | QLinear]]:
 
 def widen_sensitive_layers(
     qg: QuantGraph, images: Tensor, weight_method: str, settings: WidenSettings = WidenSettings()
-) -> dict[str, Any]:
-    """Widen the narrowed layers worth it; returns what was measured and chosen."""
+) -> tuple[QuantPlan, dict[str, Any]]:
+    """Choose the narrowed layers worth widening: returns the graph's plan with them widened
+    and what was measured and chosen. The graph is left as it was (`apply_widened`)."""
     cands = narrowed_layers(qg)
     if not cands:
-        return {"widened": []}
+        return qg.base_plan, {"widened": []}
     device = next(qg.module.parameters()).device
     x = images[: settings.probe_images].to(device)
     macs = qg.layer_macs(x)
     kl = estimate_kl(qg, x, cands, weight_method, settings)
     per_mac = lambda n: kl[n] / max(macs[n], 1)  # noqa: E731
-    layers = dict(cands)
     exact = sorted(kl, key=per_mac, reverse=True)[: settings.exact]
     with torch.no_grad():
         if exact:
             base = F.log_softmax(qg(x).float(), 1)
         for name in exact:
-            undo = _widen(layers[name], weight_method)
-            out = F.log_softmax(qg(x).float(), 1)
+            with widened(qg, [name], weight_method):
+                out = F.log_softmax(qg(x).float(), 1)
             kl[name] = float(F.kl_div(base, out, log_target=True, reduction="batchmean"))
-            undo()
     total = sum(macs.values())
     budget = settings.mac_share * total
     chosen, spent = [], 0
@@ -89,15 +92,49 @@ def widen_sensitive_layers(
         if kl[name] >= settings.min_kl and spent + macs[name] <= budget:
             chosen.append(name)
             spent += macs[name]
-    for name in chosen:
-        _widen(layers[name], weight_method)
-    return {
+    return qg.base_plan.widened(chosen), {
         "widened": chosen,
         "mac_share": round(spent / total, 4) if total else 0.0,
         "mac_budget": settings.mac_share,
         "kl_measured": exact,  # the rest of kl_if_widened are second-order estimates
         "kl_if_widened": {n: round(v, 6) for n, v in sorted(kl.items(), key=lambda kv: -kv[1])},
     }
+
+
+def apply_widened(qg: QuantGraph, plan: QuantPlan, weight_method: str) -> list[str]:
+    """Give the graph `plan` (its widened layers) through the grid resolver and set the
+    ranges of every weight quantizer whose grid changed afresh, with `weight_method`;
+    returns those quantizers' names."""
+    layers = dict(qg.layers())
+    changed = apply_plan(qg, plan)
+    with torch.no_grad():
+        for name in changed:
+            if not name.endswith(WEIGHT_SUFFIX):
+                raise ValueError(f"{name}: widening regrids weights only")
+            layer = layers[name.removesuffix(WEIGHT_SUFFIX)]
+            wq = layer.weight_quantizer
+            wq.set_qparams(*weight_qparams(layer.weight, wq.spec, weight_method))
+    return changed
+
+
+@contextmanager
+def widened(qg: QuantGraph, layers: Iterable[str], weight_method: str) -> Iterator[None]:
+    """The graph with `layers` widened inside, exactly as it was after (plan, grids, ranges):
+    what the measurements try, without keeping."""
+    before, layers = qg.base_plan, tuple(layers)
+    quantizers = dict(qg.quantizers())
+    keys = [layer + WEIGHT_SUFFIX for layer in layers]
+    saved = {
+        k: (quantizers[k].scale.detach().clone(), quantizers[k].zero_point.clone()) for k in keys
+    }
+    try:
+        apply_widened(qg, before.widened(layers), weight_method)
+        yield
+    finally:
+        apply_plan(qg, before)
+        with torch.no_grad():
+            for k, (scale, zp) in saved.items():
+                quantizers[k].set_qparams(scale, zp)
 
 
 def estimate_kl(
@@ -113,9 +150,8 @@ def estimate_kl(
     with torch.no_grad():
         for name, layer in cands:
             w0, b0 = layer.quantized_weight(), layer.quantized_bias()
-            undo = _widen(layer, weight_method)
-            w1, b1 = layer.quantized_weight(), layer.quantized_bias()
-            undo()
+            with widened(qg, [name], weight_method):
+                w1, b1 = layer.quantized_weight(), layer.quantized_bias()
             delta[name] = (w1 - w0, None if b0 is None else b1 - b0)
     sums = dict.fromkeys(delta, 0.0)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -161,19 +197,3 @@ def _apply(layer: QConv2d | QLinear, x: Tensor, w: Tensor, b: Tensor | None) -> 
     if layer.pads is not None:
         x = F.pad(x, layer.pads)
     return layer._conv_forward(x, w, b)
-
-
-def _widen(layer: QConv2d | QLinear, weight_method: str):
-    """Give `layer` the full grid with freshly set ranges; returns a function that undoes it."""
-    wq = layer.weight_quantizer
-    spec, scale, zp = wq.spec, wq.scale.detach().clone(), wq.zero_point.clone()
-    with torch.no_grad():
-        wq.spec = weight_spec(spec.bits)
-        wq.set_qparams(*weight_qparams(layer.weight, wq.spec, weight_method))
-
-    def undo() -> None:
-        wq.spec = spec
-        with torch.no_grad():
-            wq.set_qparams(scale, zp)
-
-    return undo

@@ -8,10 +8,12 @@ Steps, each a small pass over a torch.fx graph:
 3. fold what depends on parameters only (Swin's relative position bias) into constants, and
    split scaled-dot-product attention into two MatMuls around a float softmax;
 4. fold every BatchNorm that follows a conv into that conv;
-5. swap conv/linear for QConv2d/QLinear (weight quantizers);
-6. insert an activation quantizer wherever an integer deployment has one (ops.py says where):
-   after every compute op, integer or float, so float ops run between DequantizeLinear and
-   QuantizeLinear and data movement passes quantized values through.
+5. mark an activation quantizer site wherever an integer deployment has one (ops.py says
+   where): after every compute op, integer or float, so float ops run between
+   DequantizeLinear and QuantizeLinear and data movement passes quantized values through;
+6. resolve every quantizer's spec from the plan and the graph (`grid.resolve_specs`: which
+   site feeds which layer decides its ±64 narrowing), then swap conv/linear for
+   QConv2d/QLinear and each site for its Quantizer, built with that spec.
 The result is the simulation: running it is running the quantized model.
 """
 
@@ -34,16 +36,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from qcli.errors import QcliError, first_line
 from qcli.quant import ops
+from qcli.quant.grid import GraphFacts, LayerFacts, pairs_products, resolve_specs
 from qcli.quant.modules import PaddedConv2d, QConv2d, QLinear
 from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
 from qcli.quant.quantizer import Quantizer, QuantMode, quant_mode, set_mode
-from qcli.quant.spec import (
-    SAFE_INT8_LIMIT,
-    BitConfig,
-    QuantSpec,
-    activation_spec,
-    weight_spec,
-)
+from qcli.quant.spec import BitConfig, QuantSpec
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -74,6 +71,8 @@ class QuantGraph:
     # BatchNorm layers of the float model: BN tuning has running statistics to match only
     # where there were some (LayerNorm keeps none).
     batchnorm_layers: int = 0
+    # What the grid resolver reads of the graph (`apply_plan` resolves a new plan with it).
+    facts: GraphFacts = dataclasses.field(default_factory=lambda: GraphFacts((), ()))
 
     def op_report(self) -> dict[str, object]:
         """What runs where: compute ops in integer kernels against ops left in float, by name
@@ -180,19 +179,15 @@ class QuantGraph:
         return self
 
 
-def capture(
-    model: nn.Module, input_shape: tuple[int, ...], plan: QuantPlan | BitConfig
-) -> QuantGraph:
-    """Build the quantized simulation of `model` (which is not modified) as `plan` says.
+def capture(model: nn.Module, input_shape: tuple[int, ...], plan: QuantPlan) -> QuantGraph:
+    """Build the quantized simulation of `model` (which is not modified) as `plan` says
+    (`QuantPlan.uniform(BitConfig(w, a))` for one width everywhere).
 
-    A `BitConfig` means the uniform plan of those widths. Layers in `plan.keep_fp` stay float
-    with a float output; a quantizer named in `plan.specs` gets exactly that spec (a reloaded
-    .qcli); otherwise weights get `plan.layer_weight_bits` on the grid `safe_weight_spec`
-    picks for their input, activations `plan.act_quantizer_bits`. A plan naming a layer or
-    quantizer the model does not have is an error, not silently ignored.
+    Layers in `plan.keep_fp` stay float with a float output; every quantizer gets the spec
+    `grid.resolve_specs` gives it from the plan and the graph (which activation quantizer
+    feeds which layer). A plan naming a layer or quantizer the model does not have is an
+    error, not silently ignored.
     """
-    if isinstance(plan, BitConfig):
-        plan = QuantPlan.uniform(plan)
     keep = plan.keep_fp
     model = copy.deepcopy(model).float().eval()
     example = torch.zeros(1, *input_shape)
@@ -215,20 +210,37 @@ def capture(
         k.removesuffix(WEIGHT_SUFFIX): s for k, s in plan.specs if k.endswith(WEIGHT_SUFFIX)
     }
     _check_names(gm, tuple(weight_specs), "plan")
-    specs = {
-        name: weight_specs.get(name) or weight_spec(plan.layer_weight_bits(name))
-        for name, m in _called_modules(gm)
-        if isinstance(m, nn.Conv2d | nn.Linear) and name not in keep
-    }
+    sites = _insert_act_sites(gm, plan)
+    facts = _graph_facts(gm, sites)
+    specs = resolve_specs(plan, facts)
     _quantize_layers(gm, specs)
-    _insert_act_quantizers(gm, plan)
+    for name in sites:
+        _set_module(gm, name, Quantizer(specs[name]))
     _link_input_quantizers(gm)
-    _narrow_weights(gm, plan, set(weight_specs))
     gm.graph.lint()
     gm.recompile()
     _propagate_shapes(gm, example)
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return QuantGraph(gm, plan, tuple(input_shape), containers, float_leaves, batchnorms)
+    return QuantGraph(gm, plan, tuple(input_shape), containers, float_leaves, batchnorms, facts)
+
+
+def apply_plan(qg: QuantGraph, plan: QuantPlan) -> list[str]:
+    """Give a captured graph's quantizers the specs `plan` resolves to (the int8 range's
+    widened layers), through the same resolver as `capture`; returns the quantizers whose
+    spec changed, whose ranges are then stale. The plan cannot change the graph's structure
+    (which layers stay float): that takes a new capture."""
+    if plan.keep_fp != qg.base_plan.keep_fp:
+        raise ValueError("a new plan cannot change which layers stay float: capture again")
+    specs = resolve_specs(plan, qg.facts)
+    changed = []
+    for name, q in qg.quantizers():
+        if specs[name] != q.spec:
+            if specs[name].per_channel != q.spec.per_channel:
+                raise ValueError(f"{name}: a new plan cannot change a quantizer's granularity")
+            q.spec = specs[name]
+            changed.append(name)
+    qg.base_plan = plan
+    return changed
 
 
 # -- 1. module rewrites ---------------------------------------------------------------------
@@ -574,71 +586,54 @@ def _check_names(gm: fx.GraphModule, names: tuple[str, ...], flag: str) -> None:
             )
 
 
-def pairs_products(m: nn.Module) -> bool:
-    """Whether onnxruntime's u8×s8 kernel for this layer adds products in int16 pairs.
-
-    Every conv and linear does, except depthwise convs (one input and one output channel per
-    group), which onnxruntime runs through a kernel that accumulates each product in int32.
-    """
-    if isinstance(m, nn.Conv2d):
-        return not (m.in_channels == m.groups == m.out_channels and m.groups > 1)
-    return isinstance(m, nn.Linear)
-
-
-def safe_weight_spec(m: nn.Module, bits: int, act_bits: int, int8_range: str) -> QuantSpec:
-    """The weight grid of a layer: 8-bit weights fed by 8-bit activations that onnxruntime
-    pairs in int16 stay within ±SAFE_INT8_LIMIT under 'safe' (below 8 activation bits the
-    uint8 codes stay under 128, and 127 · (127 + 127) already fits int16)."""
-    narrow = int8_range == "safe" and bits == 8 and act_bits == 8 and pairs_products(m)
-    return weight_spec(bits, limit=SAFE_INT8_LIMIT if narrow else None)
-
-
-def _narrow_weights(gm: fx.GraphModule, plan: QuantPlan, exact: set[str]) -> None:
-    """Give each weight quantizer without an exact spec the grid its input allows: the
-    narrowing depends on the bits of the activation quantizer feeding the layer."""
-    for name, m in gm.named_modules():
-        if (
-            isinstance(m, QConv2d | QLinear)
-            and m.weight_quantizer is not None
-            and name not in exact
-        ):
-            iq = m.input_quantizer
-            act_bits = iq.spec.bits if iq is not None else plan.act_bits
-            spec = m.weight_quantizer.spec
-            m.weight_quantizer.spec = safe_weight_spec(m, spec.bits, act_bits, plan.int8_range)
-
-
 def _quantize_layers(gm: fx.GraphModule, specs: dict[str, QuantSpec]) -> None:
     for name, m in list(_called_modules(gm)):
         if isinstance(m, QConv2d | QLinear):
             continue
         if isinstance(m, nn.Conv2d | nn.Linear):
             cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
-            _set_module(gm, name, cls.from_float(m, specs.get(name)))
+            _set_module(gm, name, cls.from_float(m, specs.get(name + WEIGHT_SUFFIX)))
 
 
 # -- 5. activation quantizers ---------------------------------------------------------------
 
 
-def _insert_act_quantizers(gm: fx.GraphModule, plan: QuantPlan) -> None:
+class _Site(nn.Identity):
+    """Where an activation quantizer goes, until the resolver has given it a spec."""
+
+
+def _insert_act_sites(gm: fx.GraphModule, plan: QuantPlan) -> tuple[str, ...]:
+    """Place an activation quantizer site after every value an integer kernel reads."""
     mods = dict(gm.named_modules())
     kinds = {n: _kind(n, mods) for n in gm.graph.nodes}
     floats = {n for n in gm.graph.nodes if kinds[n] == ops.COMPUTE and not _integer(n, mods)}
-    named = {k: s for k, s in plan.specs if not k.endswith(WEIGHT_SUFFIX)}
-    inserted = set()
+    named = {k for k, _ in plan.specs if not k.endswith(WEIGHT_SUFFIX)}
+    inserted = []
     for n in list(gm.graph.nodes):
         if _needs_quantizer(n, kinds, plan.keep_fp, floats):
             name = f"act_quant.{n.name}"
-            bits = plan.act_quantizer_bits(name)
-            spec = named.get(name) or activation_spec(bits, plan.signed_activations)
-            _insert_after(gm, n, Quantizer(spec), name)
-            inserted.add(name)
-    unknown = sorted((set(dict(plan.activations)) | set(named)) - inserted)
+            _insert_after(gm, n, _Site(), name)
+            inserted.append(name)
+    unknown = sorted((set(dict(plan.activations)) | named) - set(inserted))
     if unknown:
         raise QcliError(
             f"plan: the model has no activation quantizer named '{unknown[0]}' "
             f"(they are e.g. {', '.join(sorted(inserted)[:3])})"
         )
+    return tuple(inserted)
+
+
+def _graph_facts(gm: fx.GraphModule, sites: tuple[str, ...]) -> GraphFacts:
+    """What the resolver needs of the graph: each conv/linear layer, whether its kernel pairs
+    products, and the activation quantizer site feeding it (its last call's, as linked)."""
+    mods = dict(gm.named_modules())
+    layers = {}
+    for n in gm.graph.nodes:
+        m = mods.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            source = _source_name(n.args[0], mods, _Site)
+            layers[n.target] = LayerFacts(n.target, pairs_products(m), source)
+    return GraphFacts(tuple(layers.values()), sites)
 
 
 def _kind(n: fx.Node, mods: dict[str, nn.Module]) -> str | None:
@@ -735,9 +730,15 @@ def _insert_after(gm: fx.GraphModule, n: fx.Node, module: nn.Module, name: str) 
 
 def source_quantizer(n: fx.Node, mods: dict[str, nn.Module]) -> Quantizer | None:
     """The activation quantizer whose grid a node's input is on (through passthrough ops)."""
+    name = _source_name(n, mods, Quantizer)
+    return None if name is None else mods[name]
+
+
+def _source_name(n: fx.Node, mods: dict[str, nn.Module], kind: type[nn.Module]) -> str | None:
+    """The module of type `kind` (a quantizer or its site) a node's input comes from."""
     while isinstance(n, fx.Node):
-        if n.op == "call_module" and isinstance(mods.get(n.target), Quantizer):
-            return mods[n.target]
+        if n.op == "call_module" and isinstance(mods.get(n.target), kind):
+            return n.target
         op = ops.classify(n, mods) if n.op != "placeholder" else None
         if op is None or op.kind != ops.PASSTHROUGH:
             return None

@@ -16,12 +16,12 @@ Two levels in one value:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qcli.errors import UsageError
-from qcli.quant.spec import INT8_RANGES, MAX_BITS, MIN_BITS, BitConfig, QuantSpec
+from qcli.quant.spec import INT8_RANGES, MAX_BITS, MIN_BITS, BitConfig, QuantSpec, weight_spec
 
 PLAN_FORMAT = "qcli-quant-plan"
 PLAN_VERSION = 1
@@ -101,6 +101,16 @@ class QuantPlan:
             weights={**dict(self.weights), **(weights or {})},
             activations={**dict(self.activations), **(activations or {})},
         )
+
+    def widened(self, layers: Iterable[str]) -> QuantPlan:
+        """This plan with `layers`' weights on their full grid (no ±64 narrowing): the int8
+        range's widening, as exact specs, so capture and the manifest carry it."""
+        full = {}
+        for layer in layers:
+            key = layer + WEIGHT_SUFFIX
+            exact = self.spec(key)
+            full[key] = weight_spec(exact.bits if exact else self.layer_weight_bits(layer))
+        return replace(self, specs={**dict(self.specs), **full})
 
     # -- lookups --------------------------------------------------------------------------
 

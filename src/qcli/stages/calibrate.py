@@ -16,7 +16,12 @@ from qcli.artifacts.atomic import check_output_path
 from qcli.artifacts.plot import write_loss_plot
 from qcli.errors import QcliError, UsageError
 from qcli.methods.chain import float_twin
-from qcli.methods.int8_range import WidenSettings, narrowed_layers, widen_sensitive_layers
+from qcli.methods.int8_range import (
+    WidenSettings,
+    apply_widened,
+    narrowed_layers,
+    widen_sensitive_layers,
+)
 from qcli.methods.range_setting import fit_bias_grids
 from qcli.methods.registry import CALIBRATION_METHODS, load_all
 from qcli.quant.capture import QuantGraph, capture
@@ -249,10 +254,12 @@ def widen(
 ) -> dict[str, Any]:
     """The saturation-safe range's second step: widen the layers that need the full grid,
     with the method's own weight estimator (MSE unless it sets plain ranges), within `share`
-    of the multiply-adds (None: `WidenSettings`' default)."""
+    of the multiply-adds (None: `WidenSettings`' default); the chosen plan is applied
+    through the grid resolver."""
     weight_method = "minmax" if method in ("minmax", "percentile") else "mse"
     settings = WidenSettings() if share is None else WidenSettings(mac_share=share)
-    report = widen_sensitive_layers(qg, images, weight_method, settings)
+    plan, report = widen_sensitive_layers(qg, images, weight_method, settings)
+    apply_widened(qg, plan, weight_method)
     fit_bias_grids(qg)
     return report
 
