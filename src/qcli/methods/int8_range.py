@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qcli.methods.second_order import EstimateSettings, output_kl
 from qcli.quant.capture import QuantGraph, apply_plan
 from qcli.quant.modules import QConv2d, QLinear
 from qcli.quant.plan import WEIGHT_SUFFIX, QuantPlan
@@ -153,47 +154,11 @@ def estimate_kl(
             with widened(qg, [name], weight_method):
                 w1, b1 = layer.quantized_weight(), layer.quantized_bias()
             delta[name] = (w1 - w0, None if b0 is None else b1 - b0)
-    sums = dict.fromkeys(delta, 0.0)
-    gen = torch.Generator().manual_seed(settings.seed)
-    outs: dict[str, Tensor] = {}
-    dys: dict[str, Tensor] = {}  # each candidate's output change, on this batch
-
-    def hook(m, args, y, name):
-        outs[name] = y
-        with torch.no_grad():
-            dys[name] = _apply(m, args[0].detach(), *delta[name])
-
-    hooks = [m.register_forward_hook(lambda m, a, y, n=n: hook(m, a, y, n)) for n, m in cands]
-    try:
-        for xb in x.split(settings.batch):
-            outs.clear()
-            dys.clear()
-            with torch.enable_grad():
-                z = qg(xb.detach().requires_grad_(True)).float()
-            names = [n for n in outs if outs[n].requires_grad]
-            p = z.detach().softmax(1)
-            for d in range(settings.draws):
-                r = torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1
-                v = p.sqrt() * r
-                v = v - p * v.sum(1, keepdim=True)  # F^½ r: E[vvᵀ] = diag(p) − ppᵀ
-                grads = torch.autograd.grad(
-                    (v * z).sum(), [outs[n] for n in names], retain_graph=d < settings.draws - 1
-                )
-                for n, g in zip(names, grads, strict=True):
-                    proj = (g * dys[n]).flatten(1).sum(1)  # vᵀ J Δy per image
-                    sums[n] += float(proj.pow(2).sum()) / settings.draws
-    finally:
-        for h in hooks:
-            h.remove()
-        outs.clear()
-        dys.clear()
-    return {n: 0.5 * s / x.shape[0] for n, s in sums.items()}
+    sites = {name: (layer, _change(*delta[name])) for name, layer in cands}
+    est = EstimateSettings(batch=settings.batch, draws=settings.draws, seed=settings.seed)
+    return output_kl(qg, x, sites, est)
 
 
-def _apply(layer: QConv2d | QLinear, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """The layer's function with weight `w` and bias `b` (its padding included)."""
-    if isinstance(layer, QLinear):
-        return F.linear(x, w, b)
-    if layer.pads is not None:
-        x = F.pad(x, layer.pads)
-    return layer._conv_forward(x, w, b)
+def _change(dw: Tensor, db: Tensor | None):
+    """A candidate's output change: the layer applied to the weight and bias changes."""
+    return lambda layer, args, y: layer.with_weights(args[0], dw, db)
