@@ -1218,7 +1218,7 @@ def _allocate_rows(r: dict) -> list[tuple]:
     "--sensitivity",
     type=click.Choice(SENSITIVITY_MODES),
     help="measure [default]: run the model once per quantizer and width; estimate: every "
-    "quantizer's KL from one forward and 4 backward passes per batch and width (a "
+    "quantizer's KL from one forward and one backward pass per batch and width (a "
     "second-order estimate; not with --max-drop).",
 )
 @click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")

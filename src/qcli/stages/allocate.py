@@ -161,7 +161,7 @@ SENSITIVITY_METRICS = {
     "measure": "kl: KL(float || only this quantizer at this width), nats; drop_pct: "
     "confidence lost on the float top-1 class, 100 * mean max(0, p_float - p_quant)",
     "estimate": "kl: second-order estimate of KL(float || only this quantizer at this width), "
-    "nats, from one forward and 4 backward passes per batch (methods/second_order.py)",
+    "nats, from one forward and one backward pass per batch (methods/second_order.py)",
 }
 
 
