@@ -46,16 +46,16 @@ from torch.func import functional_call
 from qcli.errors import UsageError
 from qcli.methods.chain import Chain, UnitData, run_batched
 from qcli.methods.reconstruction import (
-    META_SETTINGS,
     ReconSettings,
-    _learnables,
-    _unit_parts,
+    learnables,
     reconstruction_loss,
+    unit_parts,
 )
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QLinear
 from qcli.quant.partition import Unit, prefix_unit, unit_module
 from qcli.quant.quantizer import Quantizer, composed
+from qcli.quant.rounding import rounding_restored
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,10 @@ class MetaAugSettings:
     widths: tuple[int, ...] = (16, 32, 64)
     init_scale: float = 1e-3  # std of the residual's last conv at the start
     seed: int = 0
+
+
+# The settings MetaAug reads (--metaaug, --meta-iters, ...), as a recipe registers them.
+META_SETTINGS = frozenset({"metaaug", "meta_iters", "meta_weights", "meta_margin", "meta_lr"})
 
 
 def meta_settings(settings: dict[str, Any]) -> MetaAugSettings | None:
@@ -199,6 +203,23 @@ def pixel_range(norm: dict[str, Sequence[float]]) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------ the outer loss
+
+
+def source(
+    qg: QuantGraph,
+    images: Tensor,
+    s: ReconSettings,
+    m: MetaAugSettings,
+    input_norm: dict[str, Sequence[float]] | None,
+    progress: Callable[..., None] | None = None,
+) -> MetaAug:
+    """MetaAug as the engine's `Seams.inputs`: T's output stays within the valid pixels of
+    `input_norm` (mean, std), or without one (library use) the calibration images' range."""
+    if input_norm is not None:
+        bounds = pixel_range(input_norm)
+    else:
+        bounds = (images.amin((0, 2, 3), keepdim=True), images.amax((0, 2, 3), keepdim=True))
+    return MetaAug(qg, images, s, m, bounds, progress)
 
 
 def kl_term(fp_logits: Tensor, q_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -354,8 +375,22 @@ class MetaAug:
             self._targets(chain.fp)
         start = time.perf_counter()
         module = unit_module(self.qg, unit)
-        layers, acts = _unit_parts(module)
-        groups, _ = _learnables(layers, acts, self.s)
+        layers, acts = unit_parts(module)
+        weight_qs = [m.weight_quantizer for m in layers if m.weight_quantizer is not None]
+        # The meta phase reads the unit's learnable tensors; the learned rounding `learnables`
+        # attaches for that comes off again (the reconstruction attaches its own).
+        with rounding_restored(weight_qs):
+            groups, _ = learnables(layers, acts, self.s)
+            report = self._meta_phase(chain, seg, unit, module, groups)
+        report.seconds = round(time.perf_counter() - start, 3)
+        report.peak_rss_mb = round(_peak_rss_mb(), 1)
+        self.units.append(report)
+        return report
+
+    def _meta_phase(
+        self, chain: Chain, seg: Unit, unit: Unit, module: nn.Module, groups
+    ) -> MetaUnit:
+        """`iters` outer steps on T through the unit's learnable tensors (`groups`)."""
         names = {id(p): n for n, p in module.named_parameters()}
         params = {names[id(p)]: p for g in groups for p in g["params"]}
         eta = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
@@ -375,12 +410,6 @@ class MetaAug:
         finally:
             for p in params.values():
                 p.requires_grad_(False)
-            for m in layers:  # drop the rounding _learnables attached: reconstruction's own
-                if m.weight_quantizer is not None:
-                    m.weight_quantizer.rounding = None
-        report.seconds = round(time.perf_counter() - start, 3)
-        report.peak_rss_mb = round(_peak_rss_mb(), 1)
-        self.units.append(report)
         return report
 
     def report(self) -> dict[str, Any]:

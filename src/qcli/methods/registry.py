@@ -64,5 +64,5 @@ def register_data(
 
 def load_all() -> None:
     """Import every method module so each registers itself."""
-    from qcli.methods import range_setting, reconstruction  # noqa: F401
+    from qcli.methods import range_setting, recipes  # noqa: F401
     from qcli.methods.generators import bns, dgh, noise  # noqa: F401

@@ -104,10 +104,10 @@ def check_settings(method: str, settings: dict[str, Any]) -> None:
         from qcli.methods.metaaug import meta_settings
 
         meta_settings(settings)  # meta flags need --metaaug; their values are checked
-    from qcli.methods.reconstruction import PRESETS, settings_for
+    from qcli.methods import recipes
 
-    if method in PRESETS:  # combinations (mrecg with adaround, ...) fail before any work
-        settings_for(method, settings)
+    if method in recipes.RECIPES:  # combinations (mrecg with adaround, ...) fail before work
+        recipes.prepare(method, settings)
 
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
@@ -290,28 +290,29 @@ def run_tuning(
 def show_units_of(cfg: CalibrateConfig, granularity: str | None, ui: UI) -> dict[str, Any]:
     """The units a reconstruction method would tune, without tuning anything (MRECG with the
     loss capacity runs its short base pass, so it needs --data)."""
-    from qcli.methods import reconstruction as R
+    from qcli.methods import mrecg, recipes
+    from qcli.methods import reconstruction as engine
 
     check_settings(cfg.method, cfg.settings)
-    recon = cfg.method in R.PRESETS
-    s = R.settings_for(cfg.method, {"seed": cfg.seed, **cfg.settings}) if recon else None
+    recon = cfg.method in recipes.RECIPES
+    r = recipes.prepare(cfg.method, {"seed": cfg.seed, **cfg.settings}) if recon else None
     loaded = cfg.model.load(ui)
     require_python_module(loaded, "reconstruct")
     qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.quant_plan())
-    g = granularity or R.PRESETS.get(cfg.method, {}).get("granularity", "block")
-    if s is None or g != "mrecg":
-        units = R.describe_units(qg, g)
+    g = granularity or (r.granularity if r is not None else "block")
+    if r is None or r.mrecg is None:
+        units = engine.describe_units(qg, g)
         _units_table(f"{g} units of {loaded.name}", units, ui)
         return {"model": loaded.name, "granularity": g, "units": units}
     images = None
-    if s.capacity != "data-free" and cfg.data is not None:
+    if r.mrecg.kind != "data-free" and cfg.data is not None:
         qg.to(device())
         ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
         images = torch.cat(list(image_batches(ds, cfg.data.batch_size)))
-        R.init_ranges(qg, images, s)
+        engine.init_ranges(qg, images, r.engine)
     with ui.task("MRECG: choose the merges", total=None):
-        choice = R.choose_plan(qg, s, images)
-    units = R.describe_units(qg, choice.plan)
+        choice = mrecg.choose_plan(qg, r.engine, r.mrecg, images)
+    units = engine.describe_units(qg, choice.plan)
     _units_table(f"mrecg units of {loaded.name}", units, ui)
     decision = choice.decision.to_dict()
     _decision_table(decision, ui)
