@@ -19,7 +19,13 @@ import click
 from qcli import __version__
 from qcli.errors import QcliError, UsageError
 from qcli.export.onnx_qdq import WEIGHT_STORAGES
-from qcli.methods.registry import CALIBRATION_METHODS, DATA_METHODS, load_all
+from qcli.methods.registry import (
+    CALIBRATION_METHODS,
+    DATA_METHODS,
+    Flag,
+    calibration_flags,
+    load_all,
+)
 from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.ui import RichUI
@@ -37,8 +43,6 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
-# Reconstruction units: a partition, or MRECG's blocks with merged neighbours.
-GRANULARITY_CHOICES = ["layer", "block", "stage", "mrecg"]
 MAX_IMAGE_SIZE = 4096  # 32 images of 4096² already take 6 GB as float32
 
 
@@ -186,6 +190,54 @@ weight_storage_option = click.option(
 )
 
 
+def _flag_option(flag: Flag, help: str | None = None) -> Callable:
+    """The Click option of a method setting, from its registered `Flag`."""
+    if flag.kind is bool:
+        return click.option(flag.flag, flag.dest, is_flag=True, help=help or flag.help)
+    if flag.choices is not None:
+        kind: Any = click.Choice(flag.choices)
+    elif flag.low is None and flag.high is None:
+        kind = flag.kind
+    else:
+        ranged = click.IntRange if flag.kind is int else click.FloatRange
+        kind = ranged(flag.low, flag.high, min_open=flag.low_open)
+    return click.option(flag.flag, flag.dest, type=kind, help=help or flag.help)
+
+
+def method_options(only: tuple[str, ...] | None = None, help: dict[str, str] | None = None):
+    """The calibration methods' setting flags, generated from their registered settings
+    dataclasses (`only`: these fields, in this order; `help`: a command's own wording)."""
+    flags = calibration_flags()
+    names = only if only is not None else tuple(flags)
+    help = help or {}
+
+    def wrap(fn: Callable) -> Callable:
+        for name in reversed(names):
+            fn = _flag_option(flags[name], help.get(name))(fn)
+        return fn
+
+    return wrap
+
+
+def _method_settings(kw: dict, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Pop the generated method flags out of a command's keyword arguments: the settings
+    given (a flag not given, or a switch left off, is absent)."""
+    flags = calibration_flags()
+    given = {}
+    for name in only if only is not None else tuple(flags):
+        value = kw.pop(flags[name].dest)
+        if value is not None and value is not False:
+            given[name] = value
+    return given
+
+
+def _methods(reconstructs: bool) -> list[str]:
+    """Registered calibration methods that do (or do not) reconstruct, in registry order."""
+    return [
+        n for n, m in CALIBRATION_METHODS.items() if m.capabilities.reconstructs == reconstructs
+    ]
+
+
 def common(fn: Callable) -> Callable:
     fn = click.option(
         "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
@@ -302,6 +354,19 @@ def cli() -> None:
 
 # -- quantize -------------------------------------------------------------------------------
 
+# The method settings `quantize` exposes, with its own wording (its defaults differ).
+QUANTIZE_SETTINGS = ("iters", "stop", "granularity", "metaaug")
+QUANTIZE_HELP = {
+    "iters": "Reconstruction iterations per unit when the method reconstructs; a ceiling under "
+    "--stop plateau [500].",
+    "stop": "Reconstruction effort: every unit runs --iters, or a unit stops when its loss "
+    "stops improving [plateau].",
+    "granularity": "Reconstruction unit when the method reconstructs (see calibrate); mrecg: "
+    "blocks with the largest capacity gaps merged (brecq, qdrop).",
+    "metaaug": "MetaAug: reconstruct on the calibration images plus learned transforms of them "
+    "(adaquant, brecq, qdrop; see calibrate --metaaug).",
+}
+
 
 def _quantize_rows(r: dict) -> list[tuple]:
     fp, q = r["eval_fp"], r["eval_quantized"]
@@ -382,7 +447,7 @@ def _mb(v) -> str:
 @click.option(
     "--method",
     type=click.Choice(sorted(CALIBRATION_METHODS)),
-    help="Calibration method [mse at W8A8, else the best-ranked reconstruction (qdrop)].",
+    help="Calibration method [mse at W8A8, else qdrop].",
 )
 @click.option(
     "--eval-data",
@@ -411,24 +476,6 @@ def _mb(v) -> str:
     help="Data generator when no --data is given (see generate-data).",
 )
 @click.option(
-    "--iters",
-    type=click.IntRange(min=1),
-    help="Reconstruction iterations per unit when the method reconstructs; a ceiling under "
-    "--stop plateau [500].",
-)
-@click.option(
-    "--stop",
-    type=click.Choice(["fixed", "plateau"]),
-    help="Reconstruction effort: every unit runs --iters, or a unit stops when its loss "
-    "stops improving [plateau].",
-)
-@click.option(
-    "--granularity",
-    type=click.Choice(GRANULARITY_CHOICES),
-    help="Reconstruction unit when the method reconstructs (see calibrate); mrecg: blocks with "
-    "the largest capacity gaps merged (brecq, qdrop).",
-)
-@click.option(
     "--bn-tune/--no-bn-tune",
     default=True,
     show_default=True,
@@ -436,12 +483,7 @@ def _mb(v) -> str:
     "calibration images (seconds; it helps at 8 bits too).",
 )
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
-@click.option(
-    "--metaaug",
-    is_flag=True,
-    help="MetaAug: reconstruct on the calibration images plus learned transforms of them "
-    "(adaquant, brecq, qdrop; see calibrate --metaaug).",
-)
+@method_options(QUANTIZE_SETTINGS, QUANTIZE_HELP)
 @click.option(
     "--mixed",
     is_flag=True,
@@ -466,12 +508,8 @@ def quantize(
     num_images,
     gen_iters,
     gen_method,
-    iters,
-    stop,
-    granularity,
     bn_tune,
     no_latency,
-    metaaug,
     mixed,
     int8_range,
     int8_widen_share,
@@ -494,6 +532,7 @@ def quantize(
     from qcli.stages.quantize import QuantizeConfig
     from qcli.stages.quantize import quantize as run
 
+    given = _method_settings(kw, QUANTIZE_SETTINGS)
     mo = _model(model, kw)
     data = _data(kw)
     if data is not None:
@@ -514,15 +553,15 @@ def quantize(
         seed=seed,
         force=force,
         latency=not no_latency,
-        iters=iters,
-        stop=stop,
-        granularity=granularity,
+        iters=given.get("iters"),
+        stop=given.get("stop"),
+        granularity=given.get("granularity"),
         bn_tune=bn_tune,
         int8_range=int8_range,
         widen_share=_widen_share(int8_widen_share, int8_range, None if mixed else bits),
         weight_storage=weight_storage,
         mixed=mixed,
-        metaaug=metaaug,
+        metaaug=given.get("metaaug", False),
         strict=strict,
     )
     return run(cfg, ui)
@@ -756,81 +795,15 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     type=click.Choice(sorted(CALIBRATION_METHODS)),
     default="mse",
     show_default=True,
-    help="Range setting (minmax, percentile, mse) or reconstruction "
-    "(adaround, adaquant, brecq, qdrop).",
+    help=f"Range setting ({', '.join(_methods(reconstructs=False))}) or reconstruction "
+    f"({', '.join(_methods(reconstructs=True))}).",
 )
-@click.option(
-    "--granularity",
-    type=click.Choice(GRANULARITY_CHOICES),
-    help="Reconstruction unit [adaround, adaquant: layer; brecq, qdrop: block]; mrecg: "
-    "blocks, the adjacent pairs with the largest capacity gaps merged (brecq, qdrop).",
-)
-@click.option(
-    "--merges",
-    type=click.IntRange(min=0),
-    help="MRECG: adjacent block pairs to merge [a fifth of the blocks].",
-)
-@click.option(
-    "--capacity",
-    type=click.Choice(["loss", "data-free"]),
-    help="MRECG: rank gaps by the per-block loss of a short base reconstruction [loss], or "
-    "by parameters x bits x stride discount (data-free, needs no data for --show-units).",
-)
-@click.option(
-    "--capacity-iters",
-    type=click.IntRange(min=1),
-    help="MRECG --capacity loss: iterations per block of the base pass [50].",
-)
-@click.option(
-    "--capacity-alpha",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="MRECG --capacity data-free: discount per stride step [0.5].",
-)
-@click.option(
-    "--iters",
-    type=click.IntRange(min=1),
-    help="Reconstruction iterations per unit [500; the papers use 10000-20000].",
-)
-@click.option(
-    "--recon-batch",
-    type=click.IntRange(min=1),
-    help="Reconstruction images per iteration [32; MRECG's larger-batch finding: 256].",
-)
+@method_options()
 @click.option(
     "--plot",
     type=PathArg(dir_okay=False, path_type=Path),
     help="Write a PNG of the per-unit reconstruction loss along depth (oscillation).",
 )
-@click.option(
-    "--stop",
-    type=click.Choice(["fixed", "plateau"]),
-    help="Reconstruction effort: every unit runs --iters [fixed], or --iters is a ceiling and "
-    "a unit stops when its loss stops improving [plateau].",
-)
-@click.option(
-    "--drop-prob",
-    type=click.FloatRange(0, 1),
-    help="QDrop: chance an activation stays float during reconstruction [qdrop: 0.5].",
-)
-@click.option("--fisher", is_flag=True, help="BRECQ/QDrop: Fisher-weighted output loss.")
-@click.option(
-    "--metaaug",
-    is_flag=True,
-    help="MetaAug (adaquant, brecq, qdrop): before each unit, train a small UNet T so that "
-    "reconstructing on T(x) helps on the original images; then reconstruct on both.",
-)
-@click.option(
-    "--meta-iters",
-    type=click.IntRange(min=0),
-    help="MetaAug: bi-level steps on T per unit [50; 0: no augmentation, the base method].",
-)
-@click.option(
-    "--meta-weights",
-    help="MetaAug: outer-loss weights a,b,c of KL on originals, the anti-identity margin and "
-    "PKT feature preservation [5,0.5,30000].",
-)
-@click.option("--meta-margin", type=float, help="MetaAug: margin m, mean((T(x)-x)^2) [0.1].")
-@click.option("--meta-lr", type=float, help="MetaAug: Adam learning rate of T [0.001].")
 @click.option("--bn-tune", is_flag=True, help="Re-estimate per-channel statistics and refold.")
 @click.option("--bias-tune", is_flag=True, help="Correct the per-channel output shift.")
 @click.option(
@@ -845,7 +818,11 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     "DequantizeLinear and QuantizeLinear) and exit; needs no --data.",
 )
 @strict_option
-@click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@click.option(
+    "--keep-fp",
+    default="",
+    help="Comma-separated conv/linear layers to leave in float.",
+)
 @click.option(
     "--bit-config",
     type=PathArg(exists=True, dir_okay=False, path_type=Path),
@@ -864,22 +841,7 @@ def calibrate(
     model,
     bits,
     method,
-    granularity,
-    merges,
-    capacity,
-    capacity_iters,
-    capacity_alpha,
-    iters,
-    recon_batch,
     plot,
-    stop,
-    drop_prob,
-    fisher,
-    metaaug,
-    meta_iters,
-    meta_weights,
-    meta_margin,
-    meta_lr,
     bn_tune,
     bias_tune,
     show_units,
@@ -919,23 +881,7 @@ def calibrate(
     if bit_config is not None:
         _refuse_given(("bits", "keep_fp", "int8_range"), "cannot be given with --bit-config")
     keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
-    settings = {
-        "granularity": granularity,
-        "iters": iters,
-        "stop": stop,
-        "drop_prob": drop_prob,
-        "batch_size": recon_batch,
-        "merges": merges,
-        "capacity": capacity,
-        "capacity_iters": capacity_iters,
-        "capacity_alpha": capacity_alpha,
-    }
-    settings = {k: v for k, v in settings.items() if v is not None}
-    if fisher:
-        settings["fisher"] = True
-    meta = {"meta_iters": meta_iters, "meta_weights": meta_weights}
-    meta |= {"meta_margin": meta_margin, "meta_lr": meta_lr, "metaaug": metaaug or None}
-    settings |= {k: v for k, v in meta.items() if v is not None}
+    settings = _method_settings(kw)
     data = _data(kw)
     cfg = CalibrateConfig(
         _model(model, kw),
@@ -956,7 +902,7 @@ def calibrate(
         strict=strict,
     )
     if show_units:
-        return show_units_of(cfg, granularity, ui)
+        return show_units_of(cfg, settings.get("granularity"), ui)
     if show_float:
         return show_float_of(cfg, ui)
     if data is None:

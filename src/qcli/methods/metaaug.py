@@ -35,7 +35,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ from qcli.methods.reconstruction import (
     reconstruction_loss,
     unit_parts,
 )
+from qcli.methods.registry import setting
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QLinear
 from qcli.quant.partition import Unit, prefix_unit, unit_module
@@ -72,16 +73,42 @@ class MetaAugSettings:
     seed: int = 0
 
 
-# The settings MetaAug reads (--metaaug, --meta-iters, ...), as a recipe registers them.
-META_SETTINGS = frozenset({"metaaug", "meta_iters", "meta_weights", "meta_margin", "meta_lr"})
+@dataclass(frozen=True)
+class MetaAugFlags:
+    """MetaAug's flags, as a reconstruction method registers them (None: not given);
+    `meta_settings` turns them into `MetaAugSettings`."""
+
+    metaaug: bool = setting(
+        "--metaaug",
+        "MetaAug (adaquant, brecq, qdrop): before each unit, train a small UNet T so that "
+        "reconstructing on T(x) helps on the original images; then reconstruct on both.",
+        default=False,
+        kind=bool,
+    )
+    meta_iters: int | None = setting(
+        "--meta-iters",
+        "MetaAug: bi-level steps on T per unit [50; 0: no augmentation, the base method].",
+        kind=int,
+        low=0,
+    )
+    meta_weights: str | None = setting(
+        "--meta-weights",
+        "MetaAug: outer-loss weights a,b,c of KL on originals, the anti-identity margin and "
+        "PKT feature preservation [5,0.5,30000].",
+    )
+    meta_margin: float | None = setting(
+        "--meta-margin", "MetaAug: margin m, mean((T(x)-x)^2) [0.1].", kind=float
+    )
+    meta_lr: float | None = setting(
+        "--meta-lr", "MetaAug: Adam learning rate of T [0.001].", kind=float
+    )
 
 
 def meta_settings(settings: dict[str, Any]) -> MetaAugSettings | None:
     """MetaAug's settings from the calibration settings (None: not asked for). A meta setting
     without `metaaug` is a usage error."""
-    given = {
-        k: settings[k] for k in sorted(META_SETTINGS - {"metaaug"}) if settings.get(k) is not None
-    }
+    names = sorted(f.name for f in fields(MetaAugFlags) if f.name != "metaaug")
+    given = {k: settings[k] for k in names if settings.get(k) is not None}
     if not settings.get("metaaug"):
         if given:
             flag = "--" + next(iter(given)).replace("_", "-")

@@ -28,6 +28,7 @@ from torch import Tensor
 from qcli.errors import UsageError
 from qcli.methods.chain import UnitPlan, merge_steps, unit_plan
 from qcli.methods.reconstruction import Progress, ReconSettings, UnitResult, reconstruct
+from qcli.methods.registry import setting
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d
 from qcli.quant.partition import Unit
@@ -56,10 +57,32 @@ class MrecgSettings:
     """MRECG's settings, read under --granularity mrecg (None: not given, the default
     applies)."""
 
-    merges: int | None = None  # pairs merged (default: default_merges)
-    capacity: str | None = None  # "loss" (default) or "data-free"
-    capacity_alpha: float | None = None  # data-free: stride discount α (0.5)
-    capacity_iters: int | None = None  # loss: iterations per unit of the base pass (50)
+    merges: int | None = setting(  # pairs merged (default: default_merges)
+        "--merges",
+        "MRECG: adjacent block pairs to merge [a fifth of the blocks].",
+        kind=int,
+        low=0,
+    )
+    capacity: str | None = setting(  # "loss" (default) or "data-free"
+        "--capacity",
+        "MRECG: rank gaps by the per-block loss of a short base reconstruction [loss], or "
+        "by parameters x bits x stride discount (data-free, needs no data for --show-units).",
+        choices=CAPACITIES,
+    )
+    capacity_alpha: float | None = setting(  # data-free: stride discount α (0.5)
+        "--capacity-alpha",
+        "MRECG --capacity data-free: discount per stride step [0.5].",
+        kind=float,
+        low=0,
+        high=1,
+        low_open=True,
+    )
+    capacity_iters: int | None = setting(  # loss: iterations per unit of the base pass (50)
+        "--capacity-iters",
+        "MRECG --capacity loss: iterations per block of the base pass [50].",
+        kind=int,
+        low=1,
+    )
 
     @property
     def kind(self) -> str:

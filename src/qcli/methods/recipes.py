@@ -29,7 +29,7 @@ from qcli.methods import metaaug, mrecg
 from qcli.methods import reconstruction as engine
 from qcli.methods.chain import unit_plan
 from qcli.methods.range_setting import fit_bias_grids
-from qcli.methods.registry import register_calibration
+from qcli.methods.registry import Capabilities, register_calibration, setting
 from qcli.quant.capture import QuantGraph
 from qcli.quant.partition import GRANULARITIES
 
@@ -38,9 +38,21 @@ PLAN_PROVIDERS = ("mrecg",)
 
 
 @dataclass(frozen=True)
+class PlanSettings:
+    """Which units a recipe tunes: a partition, or MRECG's merged blocks (None: the
+    method's own partition)."""
+
+    granularity: str | None = setting(
+        "--granularity",
+        "Reconstruction unit [adaround, adaquant: layer; brecq, qdrop: block]; mrecg: "
+        "blocks, the adjacent pairs with the largest capacity gaps merged (brecq, qdrop).",
+        choices=(*GRANULARITIES, *PLAN_PROVIDERS),
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     summary: str
-    rank: int  # higher is better; `quantize` picks the best available
     preset: dict[str, Any]  # the engine settings that make the method
     metaaug: bool  # takes MetaAug's input source
 
@@ -48,25 +60,21 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "adaround": Recipe(
         "layer-wise learned up/down rounding (AdaRound)",
-        3,
         {"granularity": "layer", "learn_act_scales": False},
         metaaug=False,
     ),
     "adaquant": Recipe(
         "layer-wise weights, biases and step sizes (AdaQuant, sequential)",
-        4,
         {"granularity": "layer", "rounding": False, "learn_weights": True},
         metaaug=True,
     ),
     "brecq": Recipe(
         "block reconstruction: rounding + activation step sizes (BRECQ)",
-        5,
         {"granularity": "block"},
         metaaug=True,
     ),
     "qdrop": Recipe(
         "BRECQ with activation quantization randomly dropped (QDrop)",
-        6,
         {"granularity": "block", "drop_prob": 0.5},
         metaaug=True,
     ),
@@ -164,6 +172,13 @@ def run(
     }
 
 
+def _validator(method: str):
+    def validate(settings: dict[str, Any]) -> None:
+        prepare(method, settings)
+
+    return validate
+
+
 def _registered(method: str):
     def calibrate(qg: QuantGraph, batches: Iterable[Tensor], settings=None, progress=None):
         return run(qg, method, torch.cat(list(batches)), settings or {}, progress)
@@ -175,9 +190,13 @@ for _name, _recipe in RECIPES.items():
     register_calibration(
         _name,
         _recipe.summary,
-        _recipe.rank,
+        settings=(
+            PlanSettings,
+            engine.ReconSettings,
+            mrecg.MrecgSettings,
+            *((metaaug.MetaAugFlags,) if _recipe.metaaug else ()),
+        ),
+        capabilities=Capabilities(reconstructs=True),
         total=lambda qg, n, st, m=_name: total_steps(qg, m, st, n),
-        settings=frozenset(f.name for f in fields(engine.ReconSettings))
-        | frozenset(f.name for f in fields(mrecg.MrecgSettings))
-        | (metaaug.META_SETTINGS if _recipe.metaaug else frozenset()),
+        validate=_validator(_name),
     )(_registered(_name))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from qcli.errors import UsageError
 from qcli.methods.chain import Chain, UnitData, UnitPlan, run_batched, unit_plan
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
+from qcli.methods.registry import setting
 from qcli.quant import primitives as P
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
@@ -49,13 +50,26 @@ STOPS = ("fixed", "plateau")
 @dataclass(frozen=True)
 class ReconSettings:
     granularity: str = "block"  # the default plan: a partition (see `partition`)
-    iters: int = 500  # per unit; the papers use 10k-20k on a GPU (see benchmarks/ptq.md)
+    # per unit; the papers use 10k-20k on a GPU (see benchmarks/ptq.md)
+    iters: int = setting(
+        "--iters",
+        "Reconstruction iterations per unit [500; the papers use 10000-20000].",
+        default=500,
+        kind=int,
+        low=1,
+    )
     # "fixed": every unit runs `iters`. "plateau": `iters` is a ceiling; the free phase (no
     # rounding regularizer, constant lr) ends when the loss stops improving by `plateau_tol`
     # per `plateau_window` steps (`plateau_patience` windows in a row), and the annealing
     # phase then lasts (1 - warmup) / warmup times as long, so a unit's effort follows how
     # hard it is (`_free_phase`, `_anneal_steps`).
-    stop: str = "fixed"
+    stop: str = setting(
+        "--stop",
+        "Reconstruction effort: every unit runs --iters [fixed], or --iters is a ceiling and "
+        "a unit stops when its loss stops improving [plateau].",
+        default="fixed",
+        choices=STOPS,
+    )
     plateau_window: int = 10
     plateau_tol: float = 0.02
     plateau_patience: int = 2
@@ -63,12 +77,28 @@ class ReconSettings:
     # (`unit_cost` x images per step x steps): when set, `iters` shrinks to fit it, so one
     # default suits a 32x32 ResNet and a 224x224 EfficientNet alike (0: no budget).
     budget: float = 0.0
-    batch_size: int = 32
+    batch_size: int = setting(
+        "--recon-batch",
+        "Reconstruction images per iteration [32; the larger-batch finding of Ma et al., "
+        "CVPR'23: 256].",
+        default=32,
+        kind=int,
+        low=1,
+    )
     rounding: bool = True  # AdaRound's learned rounding (else round to nearest)
     learn_weights: bool = False  # AdaQuant: continuous weights, biases, weight step sizes
     learn_act_scales: bool = True
-    drop_prob: float = 0.0  # QDrop: chance an activation element stays float
-    fisher: bool = False  # BRECQ's Fisher-weighted output loss
+    drop_prob: float = setting(  # QDrop: chance an activation element stays float
+        "--drop-prob",
+        "QDrop: chance an activation stays float during reconstruction [qdrop: 0.5].",
+        default=0.0,
+        kind=float,
+        low=0,
+        high=1,
+    )
+    fisher: bool = setting(
+        "--fisher", "BRECQ/QDrop: Fisher-weighted output loss.", default=False, kind=bool
+    )
     reg_weight: float = 0.01  # AdaRound's λ
     beta: tuple[float, float] = (20.0, 2.0)  # annealed exponent of the rounding regularizer
     warmup: float = 0.2  # share of iterations before the regularizer starts
