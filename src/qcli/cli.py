@@ -19,6 +19,10 @@ import click
 from qcli import __version__
 from qcli.errors import QcliError, UsageError
 from qcli.export.onnx_qdq import WEIGHT_STORAGES
+from qcli.methods.bit_allocation import SOLVERS
+from qcli.methods.coreset import CORESETS
+from qcli.methods.generators import dgh
+from qcli.methods.qat import OPTIMIZERS as QAT_OPTIMIZERS
 from qcli.methods.registry import (
     CALIBRATION_METHODS,
     DATA_METHODS,
@@ -28,6 +32,7 @@ from qcli.methods.registry import (
 )
 from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
+from qcli.stages.evaluate import SIMULATIONS
 from qcli.ui import RichUI
 
 load_all()
@@ -604,19 +609,19 @@ def quantize(
 @click.option(
     "--output-loss",
     "output_kind",
-    type=click.Choice(["minmax", "regularized"]),
+    type=click.Choice(dgh.OUTPUT_LOSSES),
     help="dgh output loss: minmax (default, widen the logit range) or regularized.",
 )
 @click.option(
     "--optimizer",
-    type=click.Choice(["radam", "adam", "adafactor"]),
+    type=click.Choice(tuple(dgh.OPTIMIZERS)),
     help="dgh image optimizer: radam (MCT's, with --lr 16), adam (better on short runs, "
     "e.g. --iters 50 --lr 0.15, the `quantize` preset) or adafactor (no image-sized state; "
     "what --idle-state compact needs).",
 )
 @click.option(
     "--idle-state",
-    type=click.Choice(["moments", "compact"]),
+    type=click.Choice(dgh.IDLE_STATES),
     help="dgh, N > batch: what a batch keeps between its visits. moments (default): float32 "
     "images and bfloat16 optimizer moments, ~2.5x the output bytes; compact: float16 images "
     "only, inside the output's memory, ~1x (needs --optimizer adafactor; better on short runs, "
@@ -641,7 +646,7 @@ def quantize(
 )
 @click.option(
     "--lr-schedule",
-    type=click.Choice(["plateau", "cosine"]),
+    type=click.Choice(dgh.SCHEDULES),
     help="dgh: plateau (default, MCT's: halve the lr when the loss stalls) or cosine (decay "
     "to the floor over the run; for short runs).",
 )
@@ -942,7 +947,7 @@ def _qat_rows(r: dict) -> list[tuple]:
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
     "--coreset",
-    type=click.Choice(["acs", "random", "full"]),
+    type=click.Choice(CORESETS),
     default="acs",
     show_default=True,
     help="acs: the images the quantized model gets most wrong or disagrees most on with the "
@@ -969,7 +974,7 @@ def _qat_rows(r: dict) -> list[tuple]:
     show_default=True,
     help="Distil from the float model (soft cross-entropy); --no-kd trains on the labels.",
 )
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--optimizer", type=click.Choice(QAT_OPTIMIZERS), default="sgd", show_default=True)
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
@@ -1139,7 +1144,7 @@ def _allocate_rows(r: dict) -> list[tuple]:
 )
 @click.option(
     "--solver",
-    type=click.Choice(["ip", "greedy"]),
+    type=click.Choice(SOLVERS),
     default="ip",
     show_default=True,
     help="ip: the optimal integer program (OR-Tools CP-SAT); greedy: the baseline.",
@@ -1353,7 +1358,7 @@ def _eval_rows(r: dict) -> list[tuple]:
 )
 @click.option(
     "--simulation",
-    type=click.Choice(["exact", "fake-quant"]),
+    type=click.Choice(SIMULATIONS),
     default="exact",
     show_default=True,
     help=".qcli: 'exact' computes what onnxruntime's integer kernels compute, bit for bit; "
