@@ -63,6 +63,18 @@ class BitsType(click.ParamType):
             self.fail(str(e).removeprefix("--bits: "), param, ctx)
 
 
+class CommaList(click.ParamType):
+    """A comma-separated list ("a, b,,c" -> ("a", "b", "c")): --keep-fp is parsed here, once
+    for every command."""
+
+    name = "TEXT"
+
+    def convert(self, value: Any, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(k.strip() for k in str(value).split(",") if k.strip())
+
+
 def _floats3(ctx, param, value: str | None) -> tuple[float, float, float] | None:
     if value is None:
         return None
@@ -825,6 +837,7 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
 @strict_option
 @click.option(
     "--keep-fp",
+    type=CommaList(),
     default="",
     help="Comma-separated conv/linear layers to leave in float.",
 )
@@ -885,7 +898,6 @@ def calibrate(
 
     if bit_config is not None:
         _refuse_given(("bits", "keep_fp", "int8_range"), "cannot be given with --bit-config")
-    keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
     settings = _method_settings(kw)
     data = _data(kw)
     cfg = CalibrateConfig(
@@ -894,7 +906,7 @@ def calibrate(
         out,
         bits,
         method,
-        keep,
+        keep_fp,
         seed,
         force,
         settings,
@@ -995,7 +1007,12 @@ def _qat_rows(r: dict) -> list[tuple]:
     type=PathArg(exists=True, dir_okay=False, path_type=Path),
     help="Class ids, one per line (labels = line numbers).",
 )
-@click.option("--keep-fp", default="", help="MODEL only: conv/linear layers to leave in float.")
+@click.option(
+    "--keep-fp",
+    type=CommaList(),
+    default="",
+    help="MODEL only: conv/linear layers to leave in float.",
+)
 @int8_range_option
 @click.option(
     "--checkpoint",
@@ -1082,7 +1099,7 @@ def qat(
         out,
         settings,
         bits,
-        tuple(k.strip() for k in keep_fp.split(",") if k.strip()),
+        keep_fp,
         int8_range,
         calib_images,
         class_list,
@@ -1161,7 +1178,12 @@ def _allocate_rows(r: dict) -> list[tuple]:
     type=PathArg(exists=True, dir_okay=False, path_type=Path),
     help="Reuse the sensitivities stored in an earlier bits.json (no --data needed).",
 )
-@click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@click.option(
+    "--keep-fp",
+    type=CommaList(),
+    default="",
+    help="Comma-separated conv/linear layers to leave in float.",
+)
 @int8_range_option
 @click.option("--out", type=PathArg(path_type=Path), help="bits.json to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -1230,7 +1252,7 @@ def allocate_bits(
         parse_widths("--weight-bits", weight_bits),
         parse_widths("--act-bits", act_bits),
         solver,
-        tuple(k.strip() for k in keep_fp.split(",") if k.strip()),
+        keep_fp,
         int8_range,
         images,
         sensitivities,
