@@ -154,3 +154,22 @@ def test_registry_loads_every_method():
     assert {"minmax", "percentile", "mse", "adaround", "adaquant", "brecq", "qdrop"} <= set(
         CALIBRATION_METHODS
     )
+
+
+def test_generator_flags_come_from_their_settings_dataclass_too():
+    from qcli.methods.registry import data_flags
+    from qcli.stages.common import ModelOptions
+    from qcli.stages.generate_data import GenerateConfig, method_settings
+
+    flags = data_flags()
+    assert flags["aggregate"].flag == "--no-aggregate" and flags["aggregate"].sets is False
+    assert flags["schedule"].flag == "--lr-schedule"
+    text = _help("generate-data")
+    for flag in flags.values():
+        assert flag.flag in text and " ".join(flag.help.split()) in text, flag.flag
+    # a switch gives its field the value it declares; a field the generator lacks is refused
+    args = ["builtin:resnet20_cifar10", "--method", "noise", "--zoom", "0.1", "--out", "unused"]
+    result = CliRunner().invoke(cli, ["generate-data", *args])
+    assert result.exit_code == 2 and "--zoom does not apply to --method noise" in result.stderr
+    cfg = GenerateConfig(ModelOptions(), Path("x"), "dgh", options={"aggregate": False})
+    assert method_settings(cfg).aggregate is False

@@ -21,13 +21,13 @@ from qcli.errors import QcliError, UsageError
 from qcli.export.onnx_qdq import WEIGHT_STORAGES
 from qcli.methods.bit_allocation import SOLVERS
 from qcli.methods.coreset import CORESETS
-from qcli.methods.generators import dgh
 from qcli.methods.qat import OPTIMIZERS as QAT_OPTIMIZERS
 from qcli.methods.registry import (
     CALIBRATION_METHODS,
     DATA_METHODS,
     Flag,
     calibration_flags,
+    data_flags,
     load_all,
 )
 from qcli.quant.spec import INT8_RANGES, BitConfig
@@ -217,14 +217,15 @@ def _flag_option(flag: Flag, help: str | None = None) -> Callable:
         kind = flag.kind
     else:
         ranged = click.IntRange if flag.kind is int else click.FloatRange
-        kind = ranged(flag.low, flag.high, min_open=flag.low_open)
+        kind = ranged(flag.low, flag.high, min_open=flag.low_open, max_open=flag.high_open)
     return click.option(flag.flag, flag.dest, type=kind, help=help or flag.help)
 
 
-def method_options(only: tuple[str, ...] | None = None, help: dict[str, str] | None = None):
-    """The calibration methods' setting flags, generated from their registered settings
-    dataclasses (`only`: these fields, in this order; `help`: a command's own wording)."""
-    flags = calibration_flags()
+def method_options(
+    flags: dict[str, Flag], only: tuple[str, ...] | None = None, help: dict[str, str] | None = None
+):
+    """Options generated from methods' registered settings dataclasses (`flags`, by field;
+    `only`: these fields, in this order; `help`: a command's own wording)."""
     names = only if only is not None else tuple(flags)
     help = help or {}
 
@@ -236,14 +237,17 @@ def method_options(only: tuple[str, ...] | None = None, help: dict[str, str] | N
     return wrap
 
 
-def _method_settings(kw: dict, only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Pop the generated method flags out of a command's keyword arguments: the settings
-    given (a flag not given, or a switch left off, is absent)."""
-    flags = calibration_flags()
+def _settings_given(
+    kw: dict, flags: dict[str, Flag], only: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Pop the generated flags out of a command's keyword arguments: the settings given, by
+    field (a flag not given, or a switch left off, is absent; a switch gives `Flag.sets`)."""
     given = {}
     for name in only if only is not None else tuple(flags):
         value = kw.pop(flags[name].dest)
-        if value is not None and value is not False:
+        if value is True:
+            given[name] = flags[name].sets
+        elif value is not None and value is not False:
             given[name] = value
     return given
 
@@ -500,7 +504,7 @@ def _mb(v) -> str:
     "calibration images (seconds; it helps at 8 bits too).",
 )
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
-@method_options(QUANTIZE_SETTINGS, QUANTIZE_HELP)
+@method_options(calibration_flags(), QUANTIZE_SETTINGS, QUANTIZE_HELP)
 @click.option(
     "--mixed",
     is_flag=True,
@@ -549,7 +553,7 @@ def quantize(
     from qcli.stages.quantize import QuantizeConfig
     from qcli.stages.quantize import quantize as run
 
-    given = _method_settings(kw, QUANTIZE_SETTINGS)
+    given = _settings_given(kw, calibration_flags(), QUANTIZE_SETTINGS)
     mo = _model(model, kw)
     data = _data(kw)
     if data is not None:
@@ -607,61 +611,7 @@ def quantize(
 )
 @click.option("--iters", type=int, help="Optimization steps per batch (default: the method's).")
 @click.option("--lr", type=float, help="Learning rate of the image optimizer.")
-@click.option(
-    "--no-aggregate",
-    is_flag=True,
-    help="dgh ablation: match BN statistics per batch instead of over all images.",
-)
-@click.option(
-    "--no-augment",
-    is_flag=True,
-    help="dgh ablation: no random flip, crop and smoothing before each step.",
-)
-@click.option("--no-output-loss", is_flag=True, help="dgh ablation: no output-stretching loss.")
-@click.option(
-    "--output-loss",
-    "output_kind",
-    type=click.Choice(dgh.OUTPUT_LOSSES),
-    help="dgh output loss: minmax (default, widen the logit range) or regularized.",
-)
-@click.option(
-    "--optimizer",
-    type=click.Choice(tuple(dgh.OPTIMIZERS)),
-    help="dgh image optimizer: radam (MCT's, with --lr 16), adam (better on short runs, "
-    "e.g. --iters 50 --lr 0.15, the `quantize` preset) or adafactor (no image-sized state; "
-    "what --idle-state compact needs).",
-)
-@click.option(
-    "--idle-state",
-    type=click.Choice(dgh.IDLE_STATES),
-    help="dgh, N > batch: what a batch keeps between its visits. moments (default): float32 "
-    "images and bfloat16 optimizer moments, ~2.5x the output bytes; compact: float16 images "
-    "only, inside the output's memory, ~1x (needs --optimizer adafactor; better on short runs, "
-    "worse at the default iterations).",
-)
-@click.option(
-    "--coarse-share",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="dgh: share of the iterations run at half resolution before refining at full size.",
-)
-@click.option(
-    "--zoom",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="dgh: each step sees a random square of (1 - ZOOM..1) of the image, resized "
-    "(default 0: a plain random crop).",
-)
-@click.option(
-    "--color-shift",
-    type=click.FloatRange(0),
-    help="dgh: each step scales each channel by exp(U(-C, C)) and shifts it by U(-C, C) "
-    "(normalized units; default 0: off).",
-)
-@click.option(
-    "--lr-schedule",
-    type=click.Choice(dgh.SCHEDULES),
-    help="dgh: plateau (default, MCT's: halve the lr when the loss stalls) or cosine (decay "
-    "to the floor over the run; for short runs).",
-)
+@method_options(data_flags())
 @click.option(
     "--preview",
     type=PathArg(dir_okay=False, path_type=Path),
@@ -695,16 +645,6 @@ def generate_data(
     batch_size,
     iters,
     lr,
-    no_aggregate,
-    no_augment,
-    no_output_loss,
-    output_kind,
-    optimizer,
-    idle_state,
-    coarse_share,
-    zoom,
-    color_shift,
-    lr_schedule,
     preview,
     out,
     force,
@@ -725,19 +665,7 @@ def generate_data(
     """
     from qcli.stages.generate_data import GenerateConfig, generate
 
-    flags = {
-        "--no-aggregate": ("aggregate", False) if no_aggregate else None,
-        "--no-augment": ("augment", False) if no_augment else None,
-        "--no-output-loss": ("output_loss", False) if no_output_loss else None,
-        "--output-loss": ("output_kind", output_kind) if output_kind else None,
-        "--optimizer": ("optimizer", optimizer) if optimizer else None,
-        "--idle-state": ("idle_state", idle_state) if idle_state else None,
-        "--coarse-share": ("coarse_share", coarse_share) if coarse_share is not None else None,
-        "--lr-schedule": ("schedule", lr_schedule) if lr_schedule else None,
-        "--zoom": ("zoom", zoom) if zoom is not None else None,
-        "--color-shift": ("color_shift", color_shift) if color_shift is not None else None,
-    }
-    options = dict(kv for kv in flags.values() if kv is not None)  # the method refuses extras
+    options = _settings_given(kw, data_flags())  # the method refuses the fields it lacks
     cfg = GenerateConfig(
         _model(model, kw), out, method, num_images, batch_size, iters, lr, seed, force
     )
@@ -815,7 +743,7 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     help=f"Range setting ({', '.join(_methods(reconstructs=False))}) or reconstruction "
     f"({', '.join(_methods(reconstructs=True))}).",
 )
-@method_options()
+@method_options(calibration_flags())
 @click.option(
     "--plot",
     type=PathArg(dir_okay=False, path_type=Path),
@@ -898,7 +826,7 @@ def calibrate(
 
     if bit_config is not None:
         _refuse_given(("bits", "keep_fp", "int8_range"), "cannot be given with --bit-config")
-    settings = _method_settings(kw)
+    settings = _settings_given(kw, calibration_flags())
     data = _data(kw)
     cfg = CalibrateConfig(
         _model(model, kw),

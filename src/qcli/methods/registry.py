@@ -23,8 +23,9 @@ DATA_METHODS: dict[str, DataMethod] = {}
 class Flag:
     """How a settings field is set from the command line (no Click here: the CLI maps it).
 
-    `kind` is the value's type (bool: an on/off switch); `low`/`high` bound a number,
-    `low_open` excludes the lower bound; `choices` lists the accepted strings."""
+    `kind` is the value's type (bool: a switch, which gives its field `sets`); `low`/`high`
+    bound a number, `low_open`/`high_open` exclude the bound; `choices` lists the accepted
+    strings."""
 
     flag: str
     help: str
@@ -33,6 +34,8 @@ class Flag:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
+    sets: Any = True  # what a given switch sets its field to (False: a --no-X ablation)
 
     @property
     def dest(self) -> str:
@@ -140,6 +143,13 @@ def calibration_flags() -> dict[str, Flag]:
     load_all()
     classes = [c for m in CALIBRATION_METHODS.values() for c in m.settings]
     return dict(flagged_fields(*classes))
+
+
+def data_flags() -> dict[str, Flag]:
+    """Every data generator's flags by settings field (generic ones, --iters and --lr, are
+    the command's own)."""
+    load_all()
+    return dict(flagged_fields(*(m.settings for m in DATA_METHODS.values())))
 
 
 def check_settings(method: str, settings: dict[str, Any]) -> None:
