@@ -415,7 +415,7 @@ class MetaAug:
         return report
 
     def _meta_phase(
-        self, chain: Chain, seg: Unit, unit: Unit, module: nn.Module, groups
+        self, chain: Chain, seg: Unit, unit: Unit, module: nn.Module, groups: list[dict[str, Any]]
     ) -> MetaUnit:
         """`iters` outer steps on T through the unit's learnable tensors (`groups`)."""
         names = {id(p): n for n, p in module.named_parameters()}

@@ -68,7 +68,7 @@ class Capabilities:
     """What a calibration method does, for the stages that must know without naming it."""
 
     reconstructs: bool = False  # tunes units in order: has per-unit losses (--plot)
-    needs_labels: bool = False  # reads the calibration images' labels
+    needs_labels: bool = False  # needs labelled calibration images (none does yet)
     data_free_ok: bool = True  # works on generated images (`quantize` without --data)
 
 
