@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suites import common
 
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
-from qcli.methods.reconstruction import reconstruct, settings_for
+from qcli.methods.recipes import settings_for
+from qcli.methods.reconstruction import reconstruct
 from qcli.models.builtin import build_architecture
 from qcli.models.spec import ModelSource, load_model
 from qcli.quant import primitives as P

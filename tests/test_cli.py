@@ -432,3 +432,21 @@ def test_progress_is_logged_line_by_line_without_a_terminal(
     assert len(units) == 11 and units[0].startswith("calibrate (qdrop): unit 1/11 conv1")
     assert any(line.startswith("calibrate (qdrop): done") for line in lines)
     assert "━" not in err  # no progress bar drawn
+
+
+def test_keep_fp_is_one_comma_list_for_every_command(tmp_path: Path, weights: Path, images: Path):
+    """--keep-fp is parsed once, by its parameter type: spaces and empty items drop out."""
+    from qcli.cli import CommaList
+
+    assert CommaList().convert(" conv1 , ,fc,", None, None) == ("conv1", "fc")
+    assert CommaList().convert("", None, None) == ()
+    for command in ("calibrate", "qat", "allocate-bits"):
+        (keep,) = [p for p in cli.commands[command].params if p.name == "keep_fp"]
+        assert isinstance(keep.type, CommaList)
+    out = tmp_path / "k.qcli"
+    code, _, err = calibrate_r20(
+        weights, images, "--method", "minmax", "--keep-fp", " conv1 ,, layer1.0.conv1", "--out", out
+    )
+    assert code == 0, err
+    plan = json.loads((out / "manifest.json").read_text())["plan"]
+    assert plan["keep_fp"] == ["conv1", "layer1.0.conv1"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qcli.methods import recipes
 from qcli.methods import reconstruction as R
 from qcli.methods.chain import Chain, merge_steps, unit_plan
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
@@ -36,7 +37,8 @@ def _graph(seed: int = 0):
 
 
 def _settings(method: str) -> R.ReconSettings:
-    return R.settings_for(method, {"iters": 12, "batch_size": 16, "seed": 5, "eval_images": 48})
+    settings = {"iters": 12, "batch_size": 16, "seed": 5, "eval_images": 48}
+    return recipes.settings_for(method, settings)
 
 
 def _abs_sum(qg) -> float:

@@ -18,9 +18,11 @@ import torch
 
 from qcli.errors import UsageError
 from qcli.methods import metaaug as M
+from qcli.methods import recipes
 from qcli.methods import reconstruction as R
 from qcli.methods.chain import Chain, unit_plan
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
+from qcli.methods.registry import CALIBRATION_METHODS
 from qcli.models.resnet_cifar import resnet20
 from qcli.quant.capture import capture
 from qcli.quant.partition import unit_module
@@ -46,7 +48,8 @@ def _graph(seed: int = 0):
 
 
 def _settings(method: str = "brecq") -> R.ReconSettings:
-    return R.settings_for(method, {"iters": 6, "batch_size": 16, "seed": 5, "eval_images": 48})
+    settings = {"iters": 6, "batch_size": 16, "seed": 5, "eval_images": 48}
+    return recipes.settings_for(method, settings)
 
 
 def _meta(qg, x, **kw) -> M.MetaAug:
@@ -96,7 +99,8 @@ def test_zero_meta_steps_is_the_base_method():
     results = []
     for settings in ({}, {"metaaug": True, "meta_iters": 0}):
         qg, x = _graph()
-        out = R._method("qdrop")(qg, x.split(16), {"iters": 6, "batch_size": 16, **settings})
+        given = {"iters": 6, "batch_size": 16, **settings}
+        out = CALIBRATION_METHODS["qdrop"].run(qg, x.split(16), given)
         params = torch.cat([p.detach().flatten() for p in qg.module.parameters()])
         results.append(([u["loss_after"] for u in out["reconstruction"]["units"]], params))
     (losses_a, params_a), (losses_b, params_b) = results
@@ -130,8 +134,8 @@ def test_the_inner_step_is_differentiable_in_T():
     chain, seg, unit = _second_block(qg, x)
     meta._targets(chain.fp)
     module = unit_module(qg, unit)
-    layers, acts = R._unit_parts(module)
-    groups, _ = R._learnables(layers, acts, meta.s)
+    layers, acts = R.unit_parts(module)
+    groups, _ = R.learnables(layers, acts, meta.s)
     names = {id(p): n for n, p in module.named_parameters()}
     params = {names[id(p)]: p.requires_grad_(True) for g in groups for p in g["params"]}
     eta = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
@@ -211,7 +215,7 @@ def test_metaaug_usage_errors(tmp_path: Path, weights: Path, images: Path, args,
 def test_adaquant_layers_get_a_meta_phase_but_not_the_stem_or_classifier():
     qg, x = _graph()
     settings = {"iters": 2, "batch_size": 16, "metaaug": True, "meta_iters": 1, "input_norm": NORM}
-    out = R._method("adaquant")(qg, x.split(16), settings)
+    out = CALIBRATION_METHODS["adaquant"].run(qg, x.split(16), settings)
     names = [u["name"] for u in out["reconstruction"]["units"]]
     meta = [u["name"] for u in out["metaaug"]["units"]]
     assert meta == names[1:-1]  # every layer but the first conv and the classifier

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from qcli.methods import mrecg
+from qcli.methods import mrecg, recipes
 from qcli.methods import reconstruction as R
 from qcli.quant.capture import capture
 from qcli.quant.plan import QuantPlan
@@ -140,20 +140,21 @@ def test_merged_plan_reconstructs(net_graph):
 
     qg = copy.deepcopy(net_graph)
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    s = R.settings_for("brecq", {"granularity": "mrecg", "capacity": "data-free", "iters": 2})
+    r = recipes.prepare("brecq", {"granularity": "mrecg", "capacity": "data-free", "iters": 2})
+    s = r.engine
     R.init_ranges(qg, x, s)
-    choice = R.choose_plan(qg, s, None)
+    choice = mrecg.choose_plan(qg, s, r.mrecg, None)
     results = R.reconstruct(qg, x, s, plan=choice.plan)
     assert [r.name for r in results][3] == "blocks.2.conv+blocks.3.conv+blocks.4.conv"
-    report = R.oscillation_report(qg, choice, results)
+    report = mrecg.oscillation_report(qg, choice, results)
     assert report["profiles"]["reconstructed"]["depth"] == [0, 1, 2, 5, 6, 7]
     assert len(report["axis"]) == 8
 
 
 def test_loss_capacity_needs_images(net_graph):
-    s = R.settings_for("qdrop", {"granularity": "mrecg"})
+    r = recipes.prepare("qdrop", {"granularity": "mrecg"})
     with pytest.raises(R.UsageError, match="--capacity data-free"):
-        R.choose_plan(net_graph, s, None)
+        mrecg.choose_plan(net_graph, r.engine, r.mrecg, None)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +173,7 @@ def test_loss_capacity_needs_images(net_graph):
 )
 def test_settings_that_do_not_apply_are_refused(method, overrides, message):
     with pytest.raises(R.UsageError, match=message):
-        R.settings_for(method, overrides)
+        recipes.settings_for(method, overrides)
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -14,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from qcli.methods import recipes
 from qcli.methods import reconstruction as R
 from qcli.methods.chain import float_twin, unit_plan
 from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
+from qcli.methods.registry import CALIBRATION_METHODS
 from qcli.methods.tuning import ChannelStats, tune_statistics
 from qcli.quant.capture import capture
 from qcli.quant.modules import QConv2d
@@ -73,7 +75,7 @@ def test_adaround_ends_binary_and_in_range():
     conv = next(m for m in module.modules() if isinstance(m, QConv2d))
     w0 = conv.weight.detach().clone()
     wq = conv.weight_quantizer
-    s = R.settings_for("adaround", {"iters": 60, "batch_size": 16})
+    s = recipes.settings_for("adaround", {"iters": 60, "batch_size": 16})
     R.reconstruct_unit(module, xq, None, y, s, torch.Generator().manual_seed(0))
     assert wq.rounding is None  # baked into the weights
     scale = wq.scale.reshape(-1, 1, 1, 1)
@@ -90,14 +92,14 @@ def test_adaround_ends_binary_and_in_range():
 def test_reconstruction_lowers_the_unit_loss(method: str):
     qg, x = _calibrated(BitConfig(2, 8))
     module, xq, y = _second_unit(qg, x)
-    s = R.settings_for(method, {"iters": 200, "batch_size": 16})
+    s = recipes.settings_for(method, {"iters": 200, "batch_size": 16})
     before, after, _ = R.reconstruct_unit(module, xq, None, y, s, torch.Generator().manual_seed(0))
     assert after < 0.9 * before, (before, after)
 
 
 def _run_method(method: str, settings: dict) -> dict[str, torch.Tensor]:
     qg, x = _calibrated(BitConfig(4, 4), seed=1)
-    run_fn = R._method(method)
+    run_fn = CALIBRATION_METHODS[method].run
     run_fn(qg, x.split(16), {"iters": 20, "batch_size": 16, **settings})
     return {k: v.clone() for k, v in qg.module.state_dict().items()}
 
@@ -160,9 +162,9 @@ def test_settings_reject_bad_values():
     from qcli.errors import UsageError
 
     with pytest.raises(UsageError, match="--fisher"):
-        R.settings_for("brecq", {"fisher": True, "granularity": "layer"})
+        recipes.settings_for("brecq", {"fisher": True, "granularity": "layer"})
     with pytest.raises(UsageError, match="--iters"):
-        R.settings_for("qdrop", {"iters": 0})
+        recipes.settings_for("qdrop", {"iters": 0})
 
 
 # ------------------------------------------------------------------------- end to end
@@ -280,10 +282,10 @@ def test_progress_is_cost_weighted_and_names_each_unit():
     qg, x = _calibrated(BitConfig(4, 8))
     settings = {"iters": 3, "batch_size": 16}
     calls: list[tuple[int, str | None]] = []
-    R._method("adaround")(
+    CALIBRATION_METHODS["adaround"].run(
         qg, x.split(16), settings, lambda n, label=None, skip=0: calls.append((n, label))
     )
-    assert sum(n for n, _ in calls) == R.total_steps(qg, "adaround", settings, len(x))
+    assert sum(n for n, _ in calls) == recipes.total_steps(qg, "adaround", settings, len(x))
     labels = [label for _, label in calls if label]
     units = [u for step in unit_plan(qg, "layer") for u in step.units]
     assert labels == [f"unit {i}/{len(units)} {u.name}" for i, u in enumerate(units, 1)]
@@ -304,7 +306,7 @@ def _scripted(losses: list[float]):
 
 
 def test_free_phase_stops_when_the_window_loss_stops_improving():
-    s = R.settings_for("qdrop", {"iters": 1000, "stop": "plateau", "plateau_window": 5})
+    s = recipes.settings_for("qdrop", {"iters": 1000, "stop": "plateau", "plateau_window": 5})
     # windows: 10 -> 5 (improves) -> 4.99, 4.98 (under 2% on the best twice: plateau)
     losses = [10.0] * 5 + [5.0] * 5 + [4.99] * 5 + [4.98] * 5 + [1.0] * 200
     step, calls = _scripted(losses)
@@ -319,7 +321,7 @@ def test_free_phase_stops_when_the_window_loss_stops_improving():
 
 
 def test_anneal_phase_keeps_the_warmup_ratio_within_the_ceiling():
-    s = R.settings_for("qdrop", {"iters": 100, "stop": "plateau"})
+    s = recipes.settings_for("qdrop", {"iters": 100, "stop": "plateau"})
     assert R._anneal_steps(10, s) == 40  # warm-up 20%: four annealing steps per free step
     assert R._anneal_steps(20, s) == 80
     assert R._anneal_steps(20, replace(s, iters=50)) == 30  # the ceiling caps the total
@@ -336,18 +338,19 @@ def test_plateau_stops_early_and_the_bar_total_shrinks_to_the_steps_taken():
         done.append(n)
         skipped.append(skip)
 
-    metrics = R._method("brecq")(qg, x.split(16), settings, progress)
+    metrics = CALIBRATION_METHODS["brecq"].run(qg, x.split(16), settings, progress)
     units = metrics["reconstruction"]["units"]
     steps = [u["steps"] for u in units]
     assert min(steps) < 400 and len(set(steps)) > 1, steps  # stopped early, each unit its own
-    assert sum(done) + sum(skipped) == R.total_steps(qg, "brecq", settings, len(x))
+    assert sum(done) + sum(skipped) == recipes.total_steps(qg, "brecq", settings, len(x))
     costs = [R.unit_cost(qg, u) for step in unit_plan(qg, "block") for u in step.units]
     assert sum(done) == sum(c * u["steps"] for c, u in zip(costs, units, strict=True))
 
 
 def test_fixed_mode_runs_every_iteration():
     qg, x = _calibrated(BitConfig(4, 8))
-    metrics = R._method("brecq")(qg, x.split(16), {"iters": 7, "batch_size": 16}, None)
+    settings = {"iters": 7, "batch_size": 16}
+    metrics = CALIBRATION_METHODS["brecq"].run(qg, x.split(16), settings, None)
     assert [u["steps"] for u in metrics["reconstruction"]["units"]] == [7] * len(
         metrics["reconstruction"]["units"]
     )
@@ -355,7 +358,7 @@ def test_fixed_mode_runs_every_iteration():
 
 def test_stop_mode_is_validated():
     with pytest.raises(Exception, match="--stop"):
-        R.settings_for("qdrop", {"stop": "sometimes"})
+        recipes.settings_for("qdrop", {"stop": "sometimes"})
 
 
 def test_budget_lowers_the_iterations_to_fit_and_records_them():
@@ -363,11 +366,41 @@ def test_budget_lowers_the_iterations_to_fit_and_records_them():
     cost = sum(R.unit_cost(qg, u) for step in unit_plan(qg, "block") for u in step.units)
     per_step = cost * 1e3 * 16  # activation elements per step at batch 16
     settings = {"iters": 400, "batch_size": 16, "budget": 25 * per_step / 1e9}
-    assert R.total_steps(qg, "brecq", settings, len(x)) == 25 * cost
-    metrics = R._method("brecq")(qg, x.split(16), settings, None)
+    assert recipes.total_steps(qg, "brecq", settings, len(x)) == 25 * cost
+    metrics = CALIBRATION_METHODS["brecq"].run(qg, x.split(16), settings, None)
     assert metrics["reconstruction"]["settings"]["iters"] == 25
     assert {u["steps"] for u in metrics["reconstruction"]["units"]} == {25}
     big = {**settings, "budget": 1e6}  # a budget beyond the ceiling leaves it alone
-    assert R.within_budget(qg, R.settings_for("brecq", big), len(x)).iters == 400
+    assert R.within_budget(qg, recipes.settings_for("brecq", big), len(x)).iters == 400
     tiny = {**settings, "budget": 1e-9}  # never below 10 steps a unit
-    assert R.within_budget(qg, R.settings_for("brecq", tiny), len(x)).iters == 10
+    assert R.within_budget(qg, recipes.settings_for("brecq", tiny), len(x)).iters == 10
+
+
+def test_rounding_restored_takes_off_what_was_attached_inside():
+    """MetaAug's meta phase attaches learned rounding only to read the unit's tensors: the
+    context manager gives every quantizer back the rounding it had, also on an exception."""
+    from qcli.quant.quantizer import Quantizer
+    from qcli.quant.rounding import attach_adaround, rounding_restored
+    from qcli.quant.spec import QuantSpec
+
+    q = Quantizer(QuantSpec(4, True, True, True), channels=2)
+    w = torch.randn(2, 3)
+    q.set_qparams(torch.full((2,), 0.1), torch.zeros(2))
+    kept = attach_adaround(q, w)
+    with rounding_restored([q]):
+        attach_adaround(q, w)
+        assert q.rounding is not kept
+    assert q.rounding is kept
+    q.rounding = None
+    with pytest.raises(RuntimeError), rounding_restored([q]):
+        attach_adaround(q, w)
+        raise RuntimeError("inside")
+    assert q.rounding is None
+
+
+def test_the_engine_names_no_method():
+    """MRECG and MetaAug are recipes over the engine (methods/recipes.py), not part of it."""
+    import inspect
+
+    source = inspect.getsource(R).lower()
+    assert "mrecg" not in source and "metaaug" not in source

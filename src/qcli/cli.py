@@ -19,11 +19,22 @@ import click
 from qcli import __version__, distributed
 from qcli.errors import QcliError, UsageError
 from qcli.export.onnx_qdq import WEIGHT_STORAGES
-from qcli.methods.registry import CALIBRATION_METHODS, DATA_METHODS, load_all
+from qcli.methods.bit_allocation import SOLVERS
+from qcli.methods.coreset import CORESETS
+from qcli.methods.qat import OPTIMIZERS as QAT_OPTIMIZERS
+from qcli.methods.registry import (
+    CALIBRATION_METHODS,
+    DATA_METHODS,
+    Flag,
+    calibration_flags,
+    data_flags,
+    load_all,
+)
 from qcli.methods.sensitivity import SENSITIVITY_MODES
 from qcli.quant.grid import narrowing_blocker
 from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
+from qcli.stages.evaluate import SIMULATIONS
 from qcli.ui import RichUI
 
 load_all()
@@ -39,8 +50,6 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
-# Reconstruction units: a partition, or MRECG's blocks with merged neighbours.
-GRANULARITY_CHOICES = ["layer", "block", "stage", "mrecg"]
 MAX_IMAGE_SIZE = 4096  # 32 images of 4096² already take 6 GB as float32
 
 
@@ -54,6 +63,18 @@ class BitsType(click.ParamType):
             return BitConfig.parse(str(value))
         except UsageError as e:
             self.fail(str(e).removeprefix("--bits: "), param, ctx)
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list ("a, b,,c" -> ("a", "b", "c")): --keep-fp is parsed here, once
+    for every command."""
+
+    name = "TEXT"
+
+    def convert(self, value: Any, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(k.strip() for k in str(value).split(",") if k.strip())
 
 
 def _floats3(ctx, param, value: str | None) -> tuple[float, float, float] | None:
@@ -188,6 +209,58 @@ weight_storage_option = click.option(
 )
 
 
+def _flag_option(flag: Flag, help: str | None = None) -> Callable:
+    """The Click option of a method setting, from its registered `Flag`."""
+    if flag.kind is bool:
+        return click.option(flag.flag, flag.dest, is_flag=True, help=help or flag.help)
+    if flag.choices is not None:
+        kind: Any = click.Choice(flag.choices)
+    elif flag.low is None and flag.high is None:
+        kind = flag.kind
+    else:
+        ranged = click.IntRange if flag.kind is int else click.FloatRange
+        kind = ranged(flag.low, flag.high, min_open=flag.low_open, max_open=flag.high_open)
+    return click.option(flag.flag, flag.dest, type=kind, help=help or flag.help)
+
+
+def method_options(
+    flags: dict[str, Flag], only: tuple[str, ...] | None = None, help: dict[str, str] | None = None
+):
+    """Options generated from methods' registered settings dataclasses (`flags`, by field;
+    `only`: these fields, in this order; `help`: a command's own wording)."""
+    names = only if only is not None else tuple(flags)
+    help = help or {}
+
+    def wrap(fn: Callable) -> Callable:
+        for name in reversed(names):
+            fn = _flag_option(flags[name], help.get(name))(fn)
+        return fn
+
+    return wrap
+
+
+def _settings_given(
+    kw: dict, flags: dict[str, Flag], only: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Pop the generated flags out of a command's keyword arguments: the settings given, by
+    field (a flag not given, or a switch left off, is absent; a switch gives `Flag.sets`)."""
+    given = {}
+    for name in only if only is not None else tuple(flags):
+        value = kw.pop(flags[name].dest)
+        if value is True:
+            given[name] = flags[name].sets
+        elif value is not None and value is not False:
+            given[name] = value
+    return given
+
+
+def _methods(reconstructs: bool) -> list[str]:
+    """Registered calibration methods that do (or do not) reconstruct, in registry order."""
+    return [
+        n for n, m in CALIBRATION_METHODS.items() if m.capabilities.reconstructs == reconstructs
+    ]
+
+
 def common(fn: Callable) -> Callable:
     fn = click.option(
         "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
@@ -306,6 +379,19 @@ def cli() -> None:
 
 # -- quantize -------------------------------------------------------------------------------
 
+# The method settings `quantize` exposes, with its own wording (its defaults differ).
+QUANTIZE_SETTINGS = ("iters", "stop", "granularity", "metaaug")
+QUANTIZE_HELP = {
+    "iters": "Reconstruction iterations per unit when the method reconstructs; a ceiling under "
+    "--stop plateau [500].",
+    "stop": "Reconstruction effort: every unit runs --iters, or a unit stops when its loss "
+    "stops improving [plateau].",
+    "granularity": "Reconstruction unit when the method reconstructs (see calibrate); mrecg: "
+    "blocks with the largest capacity gaps merged (brecq, qdrop).",
+    "metaaug": "MetaAug: reconstruct on the calibration images plus learned transforms of them "
+    "(adaquant, brecq, qdrop; see calibrate --metaaug).",
+}
+
 
 def _quantize_rows(r: dict) -> list[tuple]:
     fp, q = r["eval_fp"], r["eval_quantized"]
@@ -386,7 +472,7 @@ def _mb(v) -> str:
 @click.option(
     "--method",
     type=click.Choice(sorted(CALIBRATION_METHODS)),
-    help="Calibration method [mse at W8A8, else the best-ranked reconstruction (qdrop)].",
+    help="Calibration method [mse at W8A8, else qdrop].",
 )
 @click.option(
     "--eval-data",
@@ -415,24 +501,6 @@ def _mb(v) -> str:
     help="Data generator when no --data is given (see generate-data).",
 )
 @click.option(
-    "--iters",
-    type=click.IntRange(min=1),
-    help="Reconstruction iterations per unit when the method reconstructs; a ceiling under "
-    "--stop plateau [500].",
-)
-@click.option(
-    "--stop",
-    type=click.Choice(["fixed", "plateau"]),
-    help="Reconstruction effort: every unit runs --iters, or a unit stops when its loss "
-    "stops improving [plateau].",
-)
-@click.option(
-    "--granularity",
-    type=click.Choice(GRANULARITY_CHOICES),
-    help="Reconstruction unit when the method reconstructs (see calibrate); mrecg: blocks with "
-    "the largest capacity gaps merged (brecq, qdrop).",
-)
-@click.option(
     "--bn-tune/--no-bn-tune",
     default=True,
     show_default=True,
@@ -440,12 +508,7 @@ def _mb(v) -> str:
     "calibration images (seconds; it helps at 8 bits too).",
 )
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
-@click.option(
-    "--metaaug",
-    is_flag=True,
-    help="MetaAug: reconstruct on the calibration images plus learned transforms of them "
-    "(adaquant, brecq, qdrop; see calibrate --metaaug).",
-)
+@method_options(calibration_flags(), QUANTIZE_SETTINGS, QUANTIZE_HELP)
 @click.option(
     "--mixed",
     is_flag=True,
@@ -470,12 +533,8 @@ def quantize(
     num_images,
     gen_iters,
     gen_method,
-    iters,
-    stop,
-    granularity,
     bn_tune,
     no_latency,
-    metaaug,
     mixed,
     int8_range,
     int8_widen_share,
@@ -498,6 +557,7 @@ def quantize(
     from qcli.stages.quantize import QuantizeConfig
     from qcli.stages.quantize import quantize as run
 
+    given = _settings_given(kw, calibration_flags(), QUANTIZE_SETTINGS)
     mo = _model(model, kw)
     data = _data(kw)
     if data is not None:
@@ -518,15 +578,15 @@ def quantize(
         seed=seed,
         force=force,
         latency=not no_latency,
-        iters=iters,
-        stop=stop,
-        granularity=granularity,
+        iters=given.get("iters"),
+        stop=given.get("stop"),
+        granularity=given.get("granularity"),
         bn_tune=bn_tune,
         int8_range=int8_range,
         widen_share=_widen_share(int8_widen_share, int8_range, None if mixed else bits),
         weight_storage=weight_storage,
         mixed=mixed,
-        metaaug=metaaug,
+        metaaug=given.get("metaaug", False),
         strict=strict,
     )
     return run(cfg, ui)
@@ -555,61 +615,7 @@ def quantize(
 )
 @click.option("--iters", type=int, help="Optimization steps per batch (default: the method's).")
 @click.option("--lr", type=float, help="Learning rate of the image optimizer.")
-@click.option(
-    "--no-aggregate",
-    is_flag=True,
-    help="dgh ablation: match BN statistics per batch instead of over all images.",
-)
-@click.option(
-    "--no-augment",
-    is_flag=True,
-    help="dgh ablation: no random flip, crop and smoothing before each step.",
-)
-@click.option("--no-output-loss", is_flag=True, help="dgh ablation: no output-stretching loss.")
-@click.option(
-    "--output-loss",
-    "output_kind",
-    type=click.Choice(["minmax", "regularized"]),
-    help="dgh output loss: minmax (default, widen the logit range) or regularized.",
-)
-@click.option(
-    "--optimizer",
-    type=click.Choice(["radam", "adam", "adafactor"]),
-    help="dgh image optimizer: radam (MCT's, with --lr 16), adam (better on short runs, "
-    "e.g. --iters 50 --lr 0.15, the `quantize` preset) or adafactor (no image-sized state; "
-    "what --idle-state compact needs).",
-)
-@click.option(
-    "--idle-state",
-    type=click.Choice(["moments", "compact"]),
-    help="dgh, N > batch: what a batch keeps between its visits. moments (default): float32 "
-    "images and bfloat16 optimizer moments, ~2.5x the output bytes; compact: float16 images "
-    "only, inside the output's memory, ~1x (needs --optimizer adafactor; better on short runs, "
-    "worse at the default iterations).",
-)
-@click.option(
-    "--coarse-share",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="dgh: share of the iterations run at half resolution before refining at full size.",
-)
-@click.option(
-    "--zoom",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="dgh: each step sees a random square of (1 - ZOOM..1) of the image, resized "
-    "(default 0: a plain random crop).",
-)
-@click.option(
-    "--color-shift",
-    type=click.FloatRange(0),
-    help="dgh: each step scales each channel by exp(U(-C, C)) and shifts it by U(-C, C) "
-    "(normalized units; default 0: off).",
-)
-@click.option(
-    "--lr-schedule",
-    type=click.Choice(["plateau", "cosine"]),
-    help="dgh: plateau (default, MCT's: halve the lr when the loss stalls) or cosine (decay "
-    "to the floor over the run; for short runs).",
-)
+@method_options(data_flags())
 @click.option(
     "--preview",
     type=PathArg(dir_okay=False, path_type=Path),
@@ -643,16 +649,6 @@ def generate_data(
     batch_size,
     iters,
     lr,
-    no_aggregate,
-    no_augment,
-    no_output_loss,
-    output_kind,
-    optimizer,
-    idle_state,
-    coarse_share,
-    zoom,
-    color_shift,
-    lr_schedule,
     preview,
     out,
     force,
@@ -673,19 +669,7 @@ def generate_data(
     """
     from qcli.stages.generate_data import GenerateConfig, generate
 
-    flags = {
-        "--no-aggregate": ("aggregate", False) if no_aggregate else None,
-        "--no-augment": ("augment", False) if no_augment else None,
-        "--no-output-loss": ("output_loss", False) if no_output_loss else None,
-        "--output-loss": ("output_kind", output_kind) if output_kind else None,
-        "--optimizer": ("optimizer", optimizer) if optimizer else None,
-        "--idle-state": ("idle_state", idle_state) if idle_state else None,
-        "--coarse-share": ("coarse_share", coarse_share) if coarse_share is not None else None,
-        "--lr-schedule": ("schedule", lr_schedule) if lr_schedule else None,
-        "--zoom": ("zoom", zoom) if zoom is not None else None,
-        "--color-shift": ("color_shift", color_shift) if color_shift is not None else None,
-    }
-    options = dict(kv for kv in flags.values() if kv is not None)  # the method refuses extras
+    options = _settings_given(kw, data_flags())  # the method refuses the fields it lacks
     cfg = GenerateConfig(
         _model(model, kw), out, method, num_images, batch_size, iters, lr, seed, force
     )
@@ -760,81 +744,15 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     type=click.Choice(sorted(CALIBRATION_METHODS)),
     default="mse",
     show_default=True,
-    help="Range setting (minmax, percentile, mse) or reconstruction "
-    "(adaround, adaquant, brecq, qdrop).",
+    help=f"Range setting ({', '.join(_methods(reconstructs=False))}) or reconstruction "
+    f"({', '.join(_methods(reconstructs=True))}).",
 )
-@click.option(
-    "--granularity",
-    type=click.Choice(GRANULARITY_CHOICES),
-    help="Reconstruction unit [adaround, adaquant: layer; brecq, qdrop: block]; mrecg: "
-    "blocks, the adjacent pairs with the largest capacity gaps merged (brecq, qdrop).",
-)
-@click.option(
-    "--merges",
-    type=click.IntRange(min=0),
-    help="MRECG: adjacent block pairs to merge [a fifth of the blocks].",
-)
-@click.option(
-    "--capacity",
-    type=click.Choice(["loss", "data-free"]),
-    help="MRECG: rank gaps by the per-block loss of a short base reconstruction [loss], or "
-    "by parameters x bits x stride discount (data-free, needs no data for --show-units).",
-)
-@click.option(
-    "--capacity-iters",
-    type=click.IntRange(min=1),
-    help="MRECG --capacity loss: iterations per block of the base pass [50].",
-)
-@click.option(
-    "--capacity-alpha",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="MRECG --capacity data-free: discount per stride step [0.5].",
-)
-@click.option(
-    "--iters",
-    type=click.IntRange(min=1),
-    help="Reconstruction iterations per unit [500; the papers use 10000-20000].",
-)
-@click.option(
-    "--recon-batch",
-    type=click.IntRange(min=1),
-    help="Reconstruction images per iteration [32; MRECG's larger-batch finding: 256].",
-)
+@method_options(calibration_flags())
 @click.option(
     "--plot",
     type=PathArg(dir_okay=False, path_type=Path),
     help="Write a PNG of the per-unit reconstruction loss along depth (oscillation).",
 )
-@click.option(
-    "--stop",
-    type=click.Choice(["fixed", "plateau"]),
-    help="Reconstruction effort: every unit runs --iters [fixed], or --iters is a ceiling and "
-    "a unit stops when its loss stops improving [plateau].",
-)
-@click.option(
-    "--drop-prob",
-    type=click.FloatRange(0, 1),
-    help="QDrop: chance an activation stays float during reconstruction [qdrop: 0.5].",
-)
-@click.option("--fisher", is_flag=True, help="BRECQ/QDrop: Fisher-weighted output loss.")
-@click.option(
-    "--metaaug",
-    is_flag=True,
-    help="MetaAug (adaquant, brecq, qdrop): before each unit, train a small UNet T so that "
-    "reconstructing on T(x) helps on the original images; then reconstruct on both.",
-)
-@click.option(
-    "--meta-iters",
-    type=click.IntRange(min=0),
-    help="MetaAug: bi-level steps on T per unit [50; 0: no augmentation, the base method].",
-)
-@click.option(
-    "--meta-weights",
-    help="MetaAug: outer-loss weights a,b,c of KL on originals, the anti-identity margin and "
-    "PKT feature preservation [5,0.5,30000].",
-)
-@click.option("--meta-margin", type=float, help="MetaAug: margin m, mean((T(x)-x)^2) [0.1].")
-@click.option("--meta-lr", type=float, help="MetaAug: Adam learning rate of T [0.001].")
 @click.option("--bn-tune", is_flag=True, help="Re-estimate per-channel statistics and refold.")
 @click.option("--bias-tune", is_flag=True, help="Correct the per-channel output shift.")
 @click.option(
@@ -849,7 +767,12 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     "DequantizeLinear and QuantizeLinear) and exit; needs no --data.",
 )
 @strict_option
-@click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@click.option(
+    "--keep-fp",
+    type=CommaList(),
+    default="",
+    help="Comma-separated conv/linear layers to leave in float.",
+)
 @click.option(
     "--bit-config",
     type=PathArg(exists=True, dir_okay=False, path_type=Path),
@@ -868,22 +791,7 @@ def calibrate(
     model,
     bits,
     method,
-    granularity,
-    merges,
-    capacity,
-    capacity_iters,
-    capacity_alpha,
-    iters,
-    recon_batch,
     plot,
-    stop,
-    drop_prob,
-    fisher,
-    metaaug,
-    meta_iters,
-    meta_weights,
-    meta_margin,
-    meta_lr,
     bn_tune,
     bias_tune,
     show_units,
@@ -922,24 +830,7 @@ def calibrate(
 
     if bit_config is not None:
         _refuse_given(("bits", "keep_fp", "int8_range"), "cannot be given with --bit-config")
-    keep = tuple(k.strip() for k in keep_fp.split(",") if k.strip())
-    settings = {
-        "granularity": granularity,
-        "iters": iters,
-        "stop": stop,
-        "drop_prob": drop_prob,
-        "batch_size": recon_batch,
-        "merges": merges,
-        "capacity": capacity,
-        "capacity_iters": capacity_iters,
-        "capacity_alpha": capacity_alpha,
-    }
-    settings = {k: v for k, v in settings.items() if v is not None}
-    if fisher:
-        settings["fisher"] = True
-    meta = {"meta_iters": meta_iters, "meta_weights": meta_weights}
-    meta |= {"meta_margin": meta_margin, "meta_lr": meta_lr, "metaaug": metaaug or None}
-    settings |= {k: v for k, v in meta.items() if v is not None}
+    settings = _settings_given(kw, calibration_flags())
     data = _data(kw)
     cfg = CalibrateConfig(
         _model(model, kw),
@@ -947,7 +838,7 @@ def calibrate(
         out,
         bits,
         method,
-        keep,
+        keep_fp,
         seed,
         force,
         settings,
@@ -960,7 +851,7 @@ def calibrate(
         strict=strict,
     )
     if show_units:
-        return show_units_of(cfg, granularity, ui)
+        return show_units_of(cfg, settings.get("granularity"), ui)
     if show_float:
         return show_float_of(cfg, ui)
     if data is None:
@@ -1000,7 +891,7 @@ def _qat_rows(r: dict) -> list[tuple]:
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
     "--coreset",
-    type=click.Choice(["acs", "random", "full"]),
+    type=click.Choice(CORESETS),
     default="acs",
     show_default=True,
     help="acs: the images the quantized model gets most wrong or disagrees most on with the "
@@ -1027,7 +918,7 @@ def _qat_rows(r: dict) -> list[tuple]:
     show_default=True,
     help="Distil from the float model (soft cross-entropy); --no-kd trains on the labels.",
 )
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--optimizer", type=click.Choice(QAT_OPTIMIZERS), default="sgd", show_default=True)
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
@@ -1048,7 +939,12 @@ def _qat_rows(r: dict) -> list[tuple]:
     type=PathArg(exists=True, dir_okay=False, path_type=Path),
     help="Class ids, one per line (labels = line numbers).",
 )
-@click.option("--keep-fp", default="", help="MODEL only: conv/linear layers to leave in float.")
+@click.option(
+    "--keep-fp",
+    type=CommaList(),
+    default="",
+    help="MODEL only: conv/linear layers to leave in float.",
+)
 @int8_range_option
 @click.option(
     "--checkpoint",
@@ -1135,7 +1031,7 @@ def qat(
         out,
         settings,
         bits,
-        tuple(k.strip() for k in keep_fp.split(",") if k.strip()),
+        keep_fp,
         int8_range,
         calib_images,
         class_list,
@@ -1197,7 +1093,7 @@ def _allocate_rows(r: dict) -> list[tuple]:
 )
 @click.option(
     "--solver",
-    type=click.Choice(["ip", "greedy"]),
+    type=click.Choice(SOLVERS),
     default="ip",
     show_default=True,
     help="ip: the optimal integer program (OR-Tools CP-SAT); greedy: the baseline.",
@@ -1221,7 +1117,12 @@ def _allocate_rows(r: dict) -> list[tuple]:
     "quantizer's KL from one forward and one backward pass per batch and width (a "
     "second-order estimate; not with --max-drop).",
 )
-@click.option("--keep-fp", default="", help="Comma-separated conv/linear layers to leave in float.")
+@click.option(
+    "--keep-fp",
+    type=CommaList(),
+    default="",
+    help="Comma-separated conv/linear layers to leave in float.",
+)
 @int8_range_option
 @click.option("--out", type=PathArg(path_type=Path), help="bits.json to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -1294,7 +1195,7 @@ def allocate_bits(
         parse_widths("--weight-bits", weight_bits),
         parse_widths("--act-bits", act_bits),
         solver,
-        tuple(k.strip() for k in keep_fp.split(",") if k.strip()),
+        keep_fp,
         int8_range,
         images,
         sensitivities,
@@ -1425,7 +1326,7 @@ def _eval_rows(r: dict) -> list[tuple]:
 )
 @click.option(
     "--simulation",
-    type=click.Choice(["exact", "fake-quant"]),
+    type=click.Choice(SIMULATIONS),
     default="exact",
     show_default=True,
     help=".qcli: 'exact' computes what onnxruntime's integer kernels compute, bit for bit; "

@@ -35,7 +35,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -46,16 +46,17 @@ from torch.func import functional_call
 from qcli.errors import UsageError
 from qcli.methods.chain import Chain, UnitData, run_batched
 from qcli.methods.reconstruction import (
-    META_SETTINGS,
     ReconSettings,
-    _learnables,
-    _unit_parts,
+    learnables,
     reconstruction_loss,
+    unit_parts,
 )
+from qcli.methods.registry import setting
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QLinear
 from qcli.quant.partition import Unit, prefix_unit, unit_module
 from qcli.quant.quantizer import Quantizer, composed
+from qcli.quant.rounding import rounding_restored
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,42 @@ class MetaAugSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class MetaAugFlags:
+    """MetaAug's flags, as a reconstruction method registers them (None: not given);
+    `meta_settings` turns them into `MetaAugSettings`."""
+
+    metaaug: bool = setting(
+        "--metaaug",
+        "MetaAug (adaquant, brecq, qdrop): before each unit, train a small UNet T so that "
+        "reconstructing on T(x) helps on the original images; then reconstruct on both.",
+        default=False,
+        kind=bool,
+    )
+    meta_iters: int | None = setting(
+        "--meta-iters",
+        "MetaAug: bi-level steps on T per unit [50; 0: no augmentation, the base method].",
+        kind=int,
+        low=0,
+    )
+    meta_weights: str | None = setting(
+        "--meta-weights",
+        "MetaAug: outer-loss weights a,b,c of KL on originals, the anti-identity margin and "
+        "PKT feature preservation [5,0.5,30000].",
+    )
+    meta_margin: float | None = setting(
+        "--meta-margin", "MetaAug: margin m, mean((T(x)-x)^2) [0.1].", kind=float
+    )
+    meta_lr: float | None = setting(
+        "--meta-lr", "MetaAug: Adam learning rate of T [0.001].", kind=float
+    )
+
+
 def meta_settings(settings: dict[str, Any]) -> MetaAugSettings | None:
     """MetaAug's settings from the calibration settings (None: not asked for). A meta setting
     without `metaaug` is a usage error."""
-    given = {
-        k: settings[k] for k in sorted(META_SETTINGS - {"metaaug"}) if settings.get(k) is not None
-    }
+    names = sorted(f.name for f in fields(MetaAugFlags) if f.name != "metaaug")
+    given = {k: settings[k] for k in names if settings.get(k) is not None}
     if not settings.get("metaaug"):
         if given:
             flag = "--" + next(iter(given)).replace("_", "-")
@@ -199,6 +230,23 @@ def pixel_range(norm: dict[str, Sequence[float]]) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------ the outer loss
+
+
+def source(
+    qg: QuantGraph,
+    images: Tensor,
+    s: ReconSettings,
+    m: MetaAugSettings,
+    input_norm: dict[str, Sequence[float]] | None,
+    progress: Callable[..., None] | None = None,
+) -> MetaAug:
+    """MetaAug as the engine's `Seams.inputs`: T's output stays within the valid pixels of
+    `input_norm` (mean, std), or without one (library use) the calibration images' range."""
+    if input_norm is not None:
+        bounds = pixel_range(input_norm)
+    else:
+        bounds = (images.amin((0, 2, 3), keepdim=True), images.amax((0, 2, 3), keepdim=True))
+    return MetaAug(qg, images, s, m, bounds, progress)
 
 
 def kl_term(fp_logits: Tensor, q_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -354,8 +402,22 @@ class MetaAug:
             self._targets(chain.fp)
         start = time.perf_counter()
         module = unit_module(self.qg, unit)
-        layers, acts = _unit_parts(module)
-        groups, _ = _learnables(layers, acts, self.s)
+        layers, acts = unit_parts(module)
+        weight_qs = [m.weight_quantizer for m in layers if m.weight_quantizer is not None]
+        # The meta phase reads the unit's learnable tensors; the learned rounding `learnables`
+        # attaches for that comes off again (the reconstruction attaches its own).
+        with rounding_restored(weight_qs):
+            groups, _ = learnables(layers, acts, self.s)
+            report = self._meta_phase(chain, seg, unit, module, groups)
+        report.seconds = round(time.perf_counter() - start, 3)
+        report.peak_rss_mb = round(_peak_rss_mb(), 1)
+        self.units.append(report)
+        return report
+
+    def _meta_phase(
+        self, chain: Chain, seg: Unit, unit: Unit, module: nn.Module, groups: list[dict[str, Any]]
+    ) -> MetaUnit:
+        """`iters` outer steps on T through the unit's learnable tensors (`groups`)."""
         names = {id(p): n for n, p in module.named_parameters()}
         params = {names[id(p)]: p for g in groups for p in g["params"]}
         eta = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
@@ -375,12 +437,6 @@ class MetaAug:
         finally:
             for p in params.values():
                 p.requires_grad_(False)
-            for m in layers:  # drop the rounding _learnables attached: reconstruction's own
-                if m.weight_quantizer is not None:
-                    m.weight_quantizer.rounding = None
-        report.seconds = round(time.perf_counter() - start, 3)
-        report.peak_rss_mb = round(_peak_rss_mb(), 1)
-        self.units.append(report)
         return report
 
     def report(self) -> dict[str, Any]:

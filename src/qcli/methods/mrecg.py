@@ -19,11 +19,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from typing import Any
 
+from torch import Tensor
+
+from qcli.errors import UsageError
 from qcli.methods.chain import UnitPlan, merge_steps, unit_plan
+from qcli.methods.reconstruction import Progress, ReconSettings, UnitResult, reconstruct
+from qcli.methods.registry import setting
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d
 from qcli.quant.partition import Unit
@@ -45,6 +50,71 @@ MERGE_SHARE = 0.2
 
 def default_merges(units: int) -> int:
     return max(1, round(MERGE_SHARE * units))
+
+
+@dataclass(frozen=True)
+class MrecgSettings:
+    """MRECG's settings, read under --granularity mrecg (None: not given, the default
+    applies)."""
+
+    merges: int | None = setting(  # pairs merged (default: default_merges)
+        "--merges",
+        "MRECG: adjacent block pairs to merge [a fifth of the blocks].",
+        kind=int,
+        low=0,
+    )
+    capacity: str | None = setting(  # "loss" (default) or "data-free"
+        "--capacity",
+        "MRECG: rank gaps by the per-block loss of a short base reconstruction [loss], or "
+        "by parameters x bits x stride discount (data-free, needs no data for --show-units).",
+        choices=CAPACITIES,
+    )
+    capacity_alpha: float | None = setting(  # data-free: stride discount α (0.5)
+        "--capacity-alpha",
+        "MRECG --capacity data-free: discount per stride step [0.5].",
+        kind=float,
+        low=0,
+        high=1,
+        low_open=True,
+    )
+    capacity_iters: int | None = setting(  # loss: iterations per unit of the base pass (50)
+        "--capacity-iters",
+        "MRECG --capacity loss: iterations per block of the base pass [50].",
+        kind=int,
+        low=1,
+    )
+
+    @property
+    def kind(self) -> str:
+        """The capacity used: the given one or the default."""
+        return self.capacity or DEFAULT_CAPACITY
+
+    def base_pass_iters(self, iters: int) -> int:
+        """Iterations per unit of the loss-capacity base pass (0: none), within `iters`."""
+        return min(self.capacity_iters or CAPACITY_ITERS, iters) if self.kind == "loss" else 0
+
+
+def validate(m: MrecgSettings | None, given: MrecgSettings) -> None:
+    """`m`: the settings under --granularity mrecg, else None with `given` what was passed
+    (then any MRECG setting is a usage error)."""
+    if m is None:
+        named = [f for f in ("merges", "capacity", "capacity_alpha", "capacity_iters")
+                 if getattr(given, f) is not None]  # fmt: skip
+        if named:
+            raise UsageError(f"--{named[0].replace('_', '-')} applies to --granularity mrecg only")
+        return
+    if m.capacity is not None and m.capacity not in CAPACITIES:
+        raise UsageError(f"--capacity must be one of {', '.join(CAPACITIES)}")
+    if m.capacity_alpha is not None and m.kind != "data-free":
+        raise UsageError("--capacity-alpha applies to --capacity data-free only")
+    if m.capacity_iters is not None and m.kind != "loss":
+        raise UsageError("--capacity-iters applies to --capacity loss only")
+    if m.merges is not None and m.merges < 0:
+        raise UsageError(f"--merges must be >= 0, got {m.merges}")
+    if m.capacity_alpha is not None and not 0 < m.capacity_alpha <= 1:
+        raise UsageError(f"--capacity-alpha must be within (0, 1], got {m.capacity_alpha}")
+    if m.capacity_iters is not None and m.capacity_iters < 1:
+        raise UsageError(f"--capacity-iters must be at least 1, got {m.capacity_iters}")
 
 
 # ------------------------------------------------------------------------------ capacity
@@ -252,3 +322,61 @@ def profile(
         "loss": losses,
         "oscillation": oscillation(losses),
     }
+
+
+# ------------------------------------------------------------------ the unit-plan provider
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """The plan a run reconstructs, and for MRECG the decision behind it and the base pass's
+    per-unit results (loss capacity only)."""
+
+    plan: UnitPlan
+    decision: Decision | None = None
+    base: tuple[UnitResult, ...] = ()
+
+
+def choose_plan(
+    qg: QuantGraph,
+    s: ReconSettings,
+    m: MrecgSettings,
+    images: Tensor | None,
+    progress: Progress | None = None,
+) -> PlanChoice:
+    """The block plan with the chosen merges. The loss capacity runs the engine for
+    `capacity_iters` per unit on a copy of the range-initialized graph, so it needs the
+    calibration images."""
+    if m.kind == "data-free":
+        plan, d = data_free_decision(qg, m.merges, m.capacity_alpha or ALPHA)
+        return PlanChoice(plan, d)
+    if images is None:
+        raise UsageError(
+            "--capacity loss ranks units by a short reconstruction on the calibration images: "
+            "give --data, or use --capacity data-free"
+        )
+    base: list[UnitResult] = []
+
+    def base_pass(copy: QuantGraph, plan: UnitPlan, iters: int) -> list[float]:
+        base.extend(reconstruct(copy, images, replace(s, iters=iters), progress, plan))
+        return [r.loss_after for r in base]
+
+    plan, d = loss_decision(qg, m.merges, m.base_pass_iters(s.iters), base_pass)
+    return PlanChoice(plan, d, tuple(base))
+
+
+def oscillation_report(
+    qg: QuantGraph, choice: PlanChoice, results: list[UnitResult]
+) -> dict[str, Any]:
+    """The per-unit loss along depth (see `oscillation`) of the run, of the same units
+    before they were tuned, and of MRECG's base pass when one ran; `axis` names the depth
+    positions (MRECG: the blocks, a merged unit sits at its last block)."""
+    axis = list(choice.decision.units) if choice.decision else [r.name for r in results]
+    profiles = {
+        "reconstructed": profile(results, choice.decision),
+        "before reconstruction": profile(results, choice.decision, "loss_before"),
+    }
+    if choice.base:
+        iters = choice.decision.capacity_iters if choice.decision else None
+        profiles[f"block base pass ({iters} iters/unit)"] = profile(choice.base, None)
+    return {"definition": OSCILLATION, "axis": axis, "profiles": profiles}

@@ -63,9 +63,9 @@ def _range_method(name: str):
     return run
 
 
-for _name, _summary, _rank in (
-    ("minmax", "full observed range (never clips)", 0),
-    ("percentile", "clip the 0.01% tails of each activation", 1),
-    ("mse", "clipping that minimizes the squared quantization error", 2),
+for _name, _summary in (
+    ("minmax", "full observed range (never clips)"),
+    ("percentile", "clip the 0.01% tails of each activation"),
+    ("mse", "clipping that minimizes the squared quantization error"),
 ):
-    register_calibration(_name, _summary, _rank)(_range_method(_name))
+    register_calibration(_name, _summary)(_range_method(_name))

@@ -1,26 +1,20 @@
-"""Reconstruction PTQ: one engine behind AdaRound, AdaQuant, BRECQ and QDrop.
+"""Reconstruction PTQ: the engine the reconstruction methods are recipes over
+(`methods/recipes.py`).
 
 Units (layers, blocks or stages) are tuned in order so that each quantized unit, fed the
 quantized model's activations, reproduces the float model's output of that unit on the
-calibration images ("asymmetric" reconstruction). The methods differ only in settings:
-
-| method   | unit  | what is learned                                            | QDrop |
-|----------|-------|------------------------------------------------------------|-------|
-| adaround | layer | up/down rounding of weights                                | -     |
-| adaquant | layer | weights, biases, weight and activation step sizes (STE)    | -     |
-| brecq    | block | rounding + activation step sizes, jointly                  | -     |
-| qdrop    | block | as brecq, with activation quantization randomly dropped    | 0.5   |
-
-BRECQ here is the joint variant (QDrop's harness with nothing dropped, as MRECG runs it), so
-QDrop with drop probability 0 is BRECQ exactly.
+calibration images ("asymmetric" reconstruction). What is learned (`ReconSettings`: rounding,
+weights, step sizes, QDrop's drop probability, the Fisher loss) is a setting; which units
+(`UnitPlan`), where their data comes from and their loss (`Seams`) are the engine's
+parameters, so a method plugs in without copying the walk.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,10 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcli.errors import UsageError
-from qcli.methods import mrecg
 from qcli.methods.chain import Chain, UnitData, UnitPlan, run_batched, unit_plan
-from qcli.methods.range_setting import fit_bias_grids, set_activation_ranges, set_weight_ranges
-from qcli.methods.registry import register_calibration
+from qcli.methods.range_setting import set_activation_ranges, set_weight_ranges
+from qcli.methods.registry import setting
 from qcli.quant import primitives as P
 from qcli.quant.capture import QuantGraph
 from qcli.quant.modules import QConv2d, QLinear
@@ -51,16 +44,32 @@ UnitLoss = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 UnitInputs = Callable[[Chain, Unit, Unit], UnitData]
 
 
+STOPS = ("fixed", "plateau")
+
+
 @dataclass(frozen=True)
 class ReconSettings:
-    granularity: str = "block"
-    iters: int = 500  # per unit; the papers use 10k-20k on a GPU (see benchmarks/ptq.md)
+    granularity: str = "block"  # the default plan: a partition (see `partition`)
+    # per unit; the papers use 10k-20k on a GPU (see benchmarks/ptq.md)
+    iters: int = setting(
+        "--iters",
+        "Reconstruction iterations per unit [500; the papers use 10000-20000].",
+        default=500,
+        kind=int,
+        low=1,
+    )
     # "fixed": every unit runs `iters`. "plateau": `iters` is a ceiling; the free phase (no
     # rounding regularizer, constant lr) ends when the loss stops improving by `plateau_tol`
     # per `plateau_window` steps (`plateau_patience` windows in a row), and the annealing
     # phase then lasts (1 - warmup) / warmup times as long, so a unit's effort follows how
     # hard it is (`_free_phase`, `_anneal_steps`).
-    stop: str = "fixed"
+    stop: str = setting(
+        "--stop",
+        "Reconstruction effort: every unit runs --iters [fixed], or --iters is a ceiling and "
+        "a unit stops when its loss stops improving [plateau].",
+        default="fixed",
+        choices=STOPS,
+    )
     plateau_window: int = 10
     plateau_tol: float = 0.02
     plateau_patience: int = 2
@@ -68,12 +77,28 @@ class ReconSettings:
     # (`unit_cost` x images per step x steps): when set, `iters` shrinks to fit it, so one
     # default suits a 32x32 ResNet and a 224x224 EfficientNet alike (0: no budget).
     budget: float = 0.0
-    batch_size: int = 32
+    batch_size: int = setting(
+        "--recon-batch",
+        "Reconstruction images per iteration [32; the larger-batch finding of Ma et al., "
+        "CVPR'23: 256].",
+        default=32,
+        kind=int,
+        low=1,
+    )
     rounding: bool = True  # AdaRound's learned rounding (else round to nearest)
     learn_weights: bool = False  # AdaQuant: continuous weights, biases, weight step sizes
     learn_act_scales: bool = True
-    drop_prob: float = 0.0  # QDrop: chance an activation element stays float
-    fisher: bool = False  # BRECQ's Fisher-weighted output loss
+    drop_prob: float = setting(  # QDrop: chance an activation element stays float
+        "--drop-prob",
+        "QDrop: chance an activation stays float during reconstruction [qdrop: 0.5].",
+        default=0.0,
+        kind=float,
+        low=0,
+        high=1,
+    )
+    fisher: bool = setting(
+        "--fisher", "BRECQ/QDrop: Fisher-weighted output loss.", default=False, kind=bool
+    )
     reg_weight: float = 0.01  # AdaRound's λ
     beta: tuple[float, float] = (20.0, 2.0)  # annealed exponent of the rounding regularizer
     warmup: float = 0.2  # share of iterations before the regularizer starts
@@ -88,49 +113,12 @@ class ReconSettings:
     eval_images: int = 256  # images on which the per-unit loss before/after is measured
     cache_dtype: str = "float16"
     seed: int = 0
-    # MRECG (granularity "mrecg", methods/mrecg.py); None: not given (the default applies)
-    merges: int | None = None  # pairs merged (default: mrecg.default_merges)
-    capacity: str | None = None  # "loss" (default) or "data-free"
-    capacity_alpha: float | None = None  # data-free: stride discount α (0.5)
-    capacity_iters: int | None = None  # loss: iterations per unit of the base pass (50)
-
-
-STOPS = ("fixed", "plateau")
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "adaround": {"granularity": "layer", "learn_act_scales": False},
-    "adaquant": {"granularity": "layer", "rounding": False, "learn_weights": True},
-    "brecq": {"granularity": "block"},
-    "qdrop": {"granularity": "block", "drop_prob": 0.5},
-}
-
-
-def settings_for(method: str, overrides: dict[str, Any]) -> ReconSettings:
-    """A method's preset with the user's overrides (unknown keys are ignored: they belong to
-    other stages, e.g. BN tuning)."""
-    known = {f.name for f in fields(ReconSettings)}
-    given = {k: v for k, v in overrides.items() if k in known and v is not None}
-    s = replace(ReconSettings(), **{**PRESETS[method], **given})
-    if s.granularity == "mrecg" and PRESETS[method]["granularity"] == "layer":
-        raise UsageError(
-            f"--granularity mrecg merges blocks: it applies to brecq and qdrop, not {method}"
-        )
-    validate(s)
-    return s
-
-
-MRECG_SETTINGS = ("merges", "capacity", "capacity_alpha", "capacity_iters")
-
-
-def base_granularity(s: ReconSettings) -> str:
-    """The partition a plan starts from: MRECG merges blocks."""
-    return "block" if s.granularity == "mrecg" else s.granularity
 
 
 def validate(s: ReconSettings) -> None:
-    if s.granularity not in (*GRANULARITIES, "mrecg"):
-        raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}, mrecg")
-    _validate_mrecg(s)
+    """Values the engine cannot run with, as usage errors naming the flag."""
+    if s.granularity not in GRANULARITIES:
+        raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}")
     if s.iters < 1:
         raise UsageError(f"--iters must be at least 1, got {s.iters}")
     if not 0 <= s.drop_prob <= 1:
@@ -147,28 +135,6 @@ def validate(s: ReconSettings) -> None:
         raise UsageError("--fisher needs --granularity block or stage")
     if s.batch_size < 1:
         raise UsageError(f"--recon-batch must be at least 1, got {s.batch_size}")
-
-
-def _validate_mrecg(s: ReconSettings) -> None:
-    given = [k for k in MRECG_SETTINGS if getattr(s, k) is not None]
-    if s.granularity != "mrecg":
-        if given:
-            flag = "--" + given[0].replace("_", "-")
-            raise UsageError(f"{flag} applies to --granularity mrecg only")
-        return
-    if s.capacity is not None and s.capacity not in mrecg.CAPACITIES:
-        raise UsageError(f"--capacity must be one of {', '.join(mrecg.CAPACITIES)}")
-    capacity = s.capacity or mrecg.DEFAULT_CAPACITY
-    if s.capacity_alpha is not None and capacity != "data-free":
-        raise UsageError("--capacity-alpha applies to --capacity data-free only")
-    if s.capacity_iters is not None and capacity != "loss":
-        raise UsageError("--capacity-iters applies to --capacity loss only")
-    if s.merges is not None and s.merges < 0:
-        raise UsageError(f"--merges must be >= 0, got {s.merges}")
-    if s.capacity_alpha is not None and not 0 < s.capacity_alpha <= 1:
-        raise UsageError(f"--capacity-alpha must be within (0, 1], got {s.capacity_alpha}")
-    if s.capacity_iters is not None and s.capacity_iters < 1:
-        raise UsageError(f"--capacity-iters must be at least 1, got {s.capacity_iters}")
 
 
 # -------------------------------------------------------------------------------- losses
@@ -207,7 +173,8 @@ class UnitResult:
     cache_mb: float  # cached activations held while this unit was tuned
 
 
-def _unit_parts(module: nn.Module) -> tuple[list[QConv2d | QLinear], list[Quantizer]]:
+def unit_parts(module: nn.Module) -> tuple[list[QConv2d | QLinear], list[Quantizer]]:
+    """A unit's conv/linear layers and its active activation quantizers (no side effect)."""
     layers = [m for m in module.modules() if isinstance(m, QConv2d | QLinear)]
     weight_qs = {id(m.weight_quantizer) for m in layers}
     acts = [
@@ -223,10 +190,14 @@ def _relative_group(params: list[Tensor], lr: float) -> dict[str, Any]:
     return {"params": params, "lr": lr * float(scale)}
 
 
-def _learnables(
+def learnables(
     layers: list[QConv2d | QLinear], acts: list[Quantizer], s: ReconSettings
 ) -> tuple[list[dict[str, Any]], list[AdaRound]]:
-    """Parameter groups for the optimizer, and the rounding modules (for the regularizer)."""
+    """Parameter groups for the optimizer, and the rounding modules (for the regularizer).
+
+    Attaches a fresh AdaRound to each quantized layer's weight quantizer when `s.rounding`:
+    `reconstruct_unit` bakes it in; a caller that only wants the tensors (a meta-learned
+    input source) wraps the call in `quant.rounding.rounding_restored`."""
     groups: list[dict[str, Any]] = []
     roundings = []
     quantized = [m for m in layers if m.weight_quantizer is not None]
@@ -281,9 +252,9 @@ def reconstruct_unit(
     """
     device = next(module.parameters()).device
     loss = loss or reconstruction_loss
-    layers, acts = _unit_parts(module)
+    layers, acts = unit_parts(module)
     before = _eval_loss(module, xq, y, fisher, s, device, loss)
-    groups, roundings = _learnables(layers, acts, s)
+    groups, roundings = learnables(layers, acts, s)
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
@@ -315,7 +286,7 @@ def _optimize(
     """Run the unit's optimization; returns the number of steps taken."""
     device = next(module.parameters()).device
     opt = torch.optim.Adam(groups)
-    layers, acts = _unit_parts(module)
+    layers, acts = unit_parts(module)
     n = xq.shape[0]
     mask_gen = _mask_generator(generator, device) if s.drop_prob > 0 and xf is not None else None
 
@@ -529,91 +500,20 @@ def _fisher(chain: Chain, rest: UnitPlan, fp_logits: Tensor) -> Tensor:
     return torch.cat(grads)
 
 
-# ------------------------------------------------------------------------ registration
-
-
-def total_steps(qg: QuantGraph, method: str, overrides: dict[str, Any], images: int) -> int:
-    """The progress total: iterations weighted by each unit's cost (`unit_cost`), so the time
-    left that the bar estimates holds across units of very different sizes (MRECG's merged
-    plan costs what the block plan does, plus the loss-capacity base pass)."""
-    s = within_budget(qg, settings_for(method, overrides), images)
-    return (s.iters + _base_pass_iters(s)) * plan_cost(qg, unit_plan(qg, base_granularity(s)))
+# ------------------------------------------------------------------------ budget and cost
 
 
 def within_budget(
     qg: QuantGraph, s: ReconSettings, images: int, plan: UnitPlan | None = None
 ) -> ReconSettings:
-    """The settings with `iters` lowered to fit `budget` (at least 10 steps a unit)."""
+    """The settings with `iters` lowered to fit `budget` (at least 10 steps a unit), for the
+    units of `plan` (default: the plan of `s.granularity`)."""
     if not s.budget:
         return s
-    plan = plan if plan is not None else unit_plan(qg, base_granularity(s))
+    plan = plan if plan is not None else unit_plan(qg, s.granularity)
     per_step = plan_cost(qg, plan) * 1e3 * min(s.batch_size, images)
     fit = int(s.budget * 1e9 / per_step)
     return replace(s, iters=max(min(s.iters, fit), 10))
-
-
-def _capacity(s: ReconSettings) -> str:
-    return s.capacity or mrecg.DEFAULT_CAPACITY
-
-
-def _base_pass_iters(s: ReconSettings) -> int:
-    """Iterations per unit of MRECG's loss-capacity base pass (0: none)."""
-    if s.granularity != "mrecg" or _capacity(s) != "loss":
-        return 0
-    return min(s.capacity_iters or mrecg.CAPACITY_ITERS, s.iters)
-
-
-@dataclass(frozen=True)
-class PlanChoice:
-    """The plan a run reconstructs, and for MRECG the decision behind it and the base pass's
-    per-unit results (loss capacity only)."""
-
-    plan: UnitPlan
-    decision: mrecg.Decision | None = None
-    base: tuple[UnitResult, ...] = ()
-
-
-def choose_plan(
-    qg: QuantGraph, s: ReconSettings, images: Tensor | None, progress: Progress | None = None
-) -> PlanChoice:
-    """The granularity's plan; for MRECG the block plan with the chosen merges. The loss
-    capacity runs the method for `capacity_iters` per unit on a copy of the range-initialized
-    graph, so it needs the calibration images."""
-    if s.granularity != "mrecg":
-        return PlanChoice(unit_plan(qg, s.granularity))
-    if _capacity(s) == "data-free":
-        plan, d = mrecg.data_free_decision(qg, s.merges, s.capacity_alpha or mrecg.ALPHA)
-        return PlanChoice(plan, d)
-    if images is None:
-        raise UsageError(
-            "--capacity loss ranks units by a short reconstruction on the calibration images: "
-            "give --data, or use --capacity data-free"
-        )
-    base: list[UnitResult] = []
-
-    def base_pass(copy: QuantGraph, plan: UnitPlan, iters: int) -> list[float]:
-        base.extend(reconstruct(copy, images, replace(s, iters=iters), progress, plan))
-        return [r.loss_after for r in base]
-
-    plan, d = mrecg.loss_decision(qg, s.merges, _base_pass_iters(s), base_pass)
-    return PlanChoice(plan, d, tuple(base))
-
-
-def oscillation_report(
-    qg: QuantGraph, choice: PlanChoice, results: list[UnitResult]
-) -> dict[str, Any]:
-    """The per-unit loss along depth (see `mrecg.oscillation`) of the run, of the same units
-    before they were tuned, and of MRECG's base pass when one ran; `axis` names the depth
-    positions (MRECG: the blocks, a merged unit sits at its last block)."""
-    axis = list(choice.decision.units) if choice.decision else [r.name for r in results]
-    profiles = {
-        "reconstructed": mrecg.profile(results, choice.decision),
-        "before reconstruction": mrecg.profile(results, choice.decision, "loss_before"),
-    }
-    if choice.base:
-        iters = choice.decision.capacity_iters if choice.decision else None
-        profiles[f"block base pass ({iters} iters/unit)"] = mrecg.profile(choice.base, None)
-    return {"definition": mrecg.OSCILLATION, "axis": axis, "profiles": profiles}
 
 
 def plan_cost(qg: QuantGraph, plan: UnitPlan) -> int:
@@ -633,31 +533,6 @@ def unit_cost(qg: QuantGraph, unit: Unit) -> int:
     return max(1, round(total / 1000))
 
 
-def _method(name: str):
-    def run(qg: QuantGraph, batches: Iterable[Tensor], settings=None, progress=None) -> dict:
-        images = torch.cat(list(batches))
-        s = within_budget(qg, settings_for(name, settings or {}), images.shape[0])
-        init_ranges(qg, images, s)
-        choice = choose_plan(qg, s, images, progress)
-        meta = _metaaug(qg, images, s, settings or {}, progress)
-        seams = Seams(inputs=meta) if meta is not None else Seams()
-        results = reconstruct(qg, images, s, progress, choice.plan, seams=seams)
-        widened = fit_bias_grids(qg)
-        recon: dict[str, Any] = {"settings": asdict(s), "units": [asdict(r) for r in results]}
-        if choice.decision is not None:
-            recon["mrecg"] = choice.decision.to_dict()
-        recon["oscillation"] = oscillation_report(qg, choice, results)
-        recon["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        return {
-            "images": images.shape[0],
-            "reconstruction": recon,
-            "bias_grid_channels_widened": widened,
-            **({"metaaug": meta.report()} if meta is not None else {}),
-        }
-
-    return run
-
-
 def init_ranges(qg: QuantGraph, images: Tensor, s: ReconSettings) -> None:
     """The starting point every unit is tuned from: weight and activation ranges."""
     set_weight_ranges(qg, s.range_method)
@@ -669,43 +544,6 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _metaaug(qg: QuantGraph, images: Tensor, s: ReconSettings, settings: dict, progress):
-    """MetaAug's input source when the settings ask for it (methods/metaaug.py), else None."""
-    from qcli.methods.metaaug import MetaAug, meta_settings, pixel_range
-
-    m = meta_settings(settings)
-    if m is None:
-        return None
-    norm = settings.get("input_norm")
-    if norm is not None:
-        bounds = pixel_range(norm)
-    else:  # no input spec given (library use): the calibration images' own range
-        bounds = (images.amin((0, 2, 3), keepdim=True), images.amax((0, 2, 3), keepdim=True))
-    return MetaAug(qg, images, s, m, bounds, progress)
-
-
-# The settings MetaAug reads (--metaaug, --meta-iters, ...; methods/metaaug.py).
-META_SETTINGS = frozenset({"metaaug", "meta_iters", "meta_weights", "meta_margin", "meta_lr"})
-for _name, _summary, _rank, _extra in (
-    ("adaround", "layer-wise learned up/down rounding (AdaRound)", 3, frozenset()),
-    (
-        "adaquant",
-        "layer-wise weights, biases and step sizes (AdaQuant, sequential)",
-        4,
-        META_SETTINGS,
-    ),
-    ("brecq", "block reconstruction: rounding + activation step sizes (BRECQ)", 5, META_SETTINGS),
-    ("qdrop", "BRECQ with activation quantization randomly dropped (QDrop)", 6, META_SETTINGS),
-):
-    register_calibration(
-        _name,
-        _summary,
-        _rank,
-        total=lambda qg, n, st, m=_name: total_steps(qg, m, st, n),
-        settings=frozenset(f.name for f in fields(ReconSettings)) | _extra,
-    )(_method(_name))
 
 
 def describe_units(qg: QuantGraph, plan: UnitPlan | str) -> list[dict[str, Any]]:

@@ -7,6 +7,9 @@ quantizer (zero point, clamp, dequantize) and the exporter are untouched.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -55,3 +58,17 @@ def bake_rounding(weight: nn.Parameter, q: Quantizer) -> None:
     q.rounding.hard = True
     weight.copy_(q(weight))
     q.rounding = None
+
+
+@contextlib.contextmanager
+def rounding_restored(quantizers: Iterable[Quantizer]) -> Iterator[None]:
+    """Whatever rounding is attached to these quantizers inside the block comes off on exit,
+    also on an exception: each gets back the rounding it had (a look-ahead, such as MetaAug's
+    meta phase, attaches learned rounding only to read its tensors)."""
+    qs = list(quantizers)
+    saved = [q.rounding for q in qs]
+    try:
+        yield
+    finally:
+        for q, old in zip(qs, saved, strict=True):
+            q.rounding = old

@@ -23,7 +23,7 @@ from qcli.methods.int8_range import (
     widen_sensitive_layers,
 )
 from qcli.methods.range_setting import fit_bias_grids
-from qcli.methods.registry import CALIBRATION_METHODS, load_all
+from qcli.methods.registry import CALIBRATION_METHODS, check_settings
 from qcli.quant.capture import QuantGraph, capture
 from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
@@ -71,56 +71,12 @@ class CalibrateConfig:
         return QuantPlan.uniform(self.bits, self.keep_fp, self.int8_range)
 
 
-# The flag that sets each method setting, for messages.
-SETTING_FLAGS = {
-    "iters": "--iters",
-    "stop": "--stop",
-    "drop_prob": "--drop-prob",
-    "fisher": "--fisher",
-    "granularity": "--granularity",
-    "metaaug": "--metaaug",
-    "meta_iters": "--meta-iters",
-    "meta_weights": "--meta-weights",
-    "meta_margin": "--meta-margin",
-    "meta_lr": "--meta-lr",
-    "batch_size": "--recon-batch",
-    "merges": "--merges",
-    "capacity": "--capacity",
-    "capacity_alpha": "--capacity-alpha",
-    "capacity_iters": "--capacity-iters",
-}
-
-
-def check_settings(method: str, settings: dict[str, Any]) -> None:
-    """A setting the method does not read is a usage error, not silently ignored."""
-    load_all()
-    if method not in CALIBRATION_METHODS:
-        raise UsageError(f"unknown --method {method!r}; choose from {sorted(CALIBRATION_METHODS)}")
-    accepted = CALIBRATION_METHODS[method].settings | {"seed"}
-    extra = [k for k in settings if k not in accepted]
-    if extra:
-        owners = sorted(m.name for m in CALIBRATION_METHODS.values() if extra[0] in m.settings)
-        flags = ", ".join(SETTING_FLAGS.get(k, k) for k in extra)
-        raise UsageError(
-            f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to --method {method}"
-            + (f" (it applies to {', '.join(owners)})" if owners else "")
-        )
-    if CALIBRATION_METHODS[method].settings & {"metaaug"}:
-        from qcli.methods.metaaug import meta_settings
-
-        meta_settings(settings)  # meta flags need --metaaug; their values are checked
-    from qcli.methods.reconstruction import PRESETS, settings_for
-
-    if method in PRESETS:  # combinations (mrecg with adaround, ...) fail before any work
-        settings_for(method, settings)
-
-
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
-    check_settings(cfg.method, cfg.settings)
+    check_settings(cfg.method, cfg.settings)  # a flag the method does not read is refused
     plan = cfg.quant_plan()  # a bad bits.json fails before anything is written
     inputs = {**cfg.data.input_files(), **cfg.model.input_files(), "--bit-config": cfg.bit_config}
     if cfg.plot is not None:
-        if "iters" not in CALIBRATION_METHODS[cfg.method].settings:
+        if not CALIBRATION_METHODS[cfg.method].capabilities.reconstructs:
             raise UsageError(f"--plot shows reconstruction losses; --method {cfg.method} has none")
         check_output_path(cfg.plot, "--plot", {**inputs, "--out": cfg.out})
     prepare_output(cfg.out, cfg.force, inputs=inputs)
@@ -128,6 +84,11 @@ def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:
     loaded = cfg.model.load(ui)
     require_python_module(loaded, "calibrate")
     ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
+    if CALIBRATION_METHODS[cfg.method].capabilities.needs_labels and not ds.labelled:
+        raise UsageError(
+            f"--method {cfg.method} reads the images' labels: give --data a labelled folder "
+            "(DIR/<class>/<image>)"
+        )
     qg = capture(loaded.module, (3, *loaded.input_spec.size), plan)
     op_report = check_float_ops(qg, cfg.strict, ui)
     qg.to(device())
@@ -297,28 +258,29 @@ def run_tuning(
 def show_units_of(cfg: CalibrateConfig, granularity: str | None, ui: UI) -> dict[str, Any]:
     """The units a reconstruction method would tune, without tuning anything (MRECG with the
     loss capacity runs its short base pass, so it needs --data)."""
-    from qcli.methods import reconstruction as R
+    from qcli.methods import mrecg, recipes
+    from qcli.methods import reconstruction as engine
 
     check_settings(cfg.method, cfg.settings)
-    recon = cfg.method in R.PRESETS
-    s = R.settings_for(cfg.method, {"seed": cfg.seed, **cfg.settings}) if recon else None
+    recon = cfg.method in recipes.RECIPES
+    r = recipes.prepare(cfg.method, {"seed": cfg.seed, **cfg.settings}) if recon else None
     loaded = cfg.model.load(ui)
     require_python_module(loaded, "reconstruct")
     qg = capture(loaded.module, (3, *loaded.input_spec.size), cfg.quant_plan())
-    g = granularity or R.PRESETS.get(cfg.method, {}).get("granularity", "block")
-    if s is None or g != "mrecg":
-        units = R.describe_units(qg, g)
+    g = granularity or (r.granularity if r is not None else "block")
+    if r is None or r.mrecg is None:
+        units = engine.describe_units(qg, g)
         _units_table(f"{g} units of {loaded.name}", units, ui)
         return {"model": loaded.name, "granularity": g, "units": units}
     images = None
-    if s.capacity != "data-free" and cfg.data is not None:
+    if r.mrecg.kind != "data-free" and cfg.data is not None:
         qg.to(device())
         ds = open_dataset(cfg.data, loaded.input_spec, cfg.seed)
         images = torch.cat(list(image_batches(ds, cfg.data.batch_size)))
-        R.init_ranges(qg, images, s)
+        engine.init_ranges(qg, images, r.engine)
     with ui.task("MRECG: choose the merges", total=None):
-        choice = R.choose_plan(qg, s, images)
-    units = R.describe_units(qg, choice.plan)
+        choice = mrecg.choose_plan(qg, r.engine, r.mrecg, images)
+    units = engine.describe_units(qg, choice.plan)
     _units_table(f"mrecg units of {loaded.name}", units, ui)
     decision = choice.decision.to_dict()
     _decision_table(decision, ui)

@@ -14,7 +14,7 @@ from qcli import __version__
 from qcli.artifacts import prepare_output, write_dataset
 from qcli.artifacts.preview import write_preview
 from qcli.errors import QcliError, UsageError
-from qcli.methods.registry import DATA_METHODS, load_all
+from qcli.methods.registry import DATA_METHODS, data_flags, load_all
 from qcli.stages.common import ModelOptions, device, require_python_module
 from qcli.ui import UI
 
@@ -36,21 +36,8 @@ class GenerateConfig:
     preview: Path | None = None
 
 
-# Generic flags, by the settings field they set: a generator without the field refuses them.
-FLAGS = {
-    "iters": "--iters",
-    "lr": "--lr",
-    "aggregate": "--no-aggregate",
-    "augment": "--no-augment",
-    "output_loss": "--no-output-loss",
-    "output_kind": "--output-loss",
-    "optimizer": "--optimizer",
-    "idle_state": "--idle-state",
-    "coarse_share": "--coarse-share",
-    "schedule": "--lr-schedule",
-    "zoom": "--zoom",
-    "color_shift": "--color-shift",
-}
+# The command's generic flags; a generator's own come with its settings (`setting`).
+GENERIC_FLAGS = {"iters": "--iters", "lr": "--lr"}
 
 
 def method_settings(cfg: GenerateConfig) -> Any:
@@ -61,7 +48,8 @@ def method_settings(cfg: GenerateConfig) -> Any:
     cls = DATA_METHODS[cfg.method].settings
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in {"iters": cfg.iters, "lr": cfg.lr}.items() if v is not None}
-    unknown = [FLAGS.get(k, k) for k in [*given, *cfg.options] if k not in names]
+    flags = {**GENERIC_FLAGS, **{k: f.flag for k, f in data_flags().items()}}
+    unknown = [flags.get(k, k) for k in [*given, *cfg.options] if k not in names]
     if unknown:
         verb = "does" if len(unknown) == 1 else "do"
         raise UsageError(f"{', '.join(unknown)} {verb} not apply to --method {cfg.method}")

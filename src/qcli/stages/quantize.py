@@ -20,10 +20,10 @@ from qcli.errors import QcliError, UsageError
 from qcli.evaluate import OrtModel, file_size, latency
 from qcli.export.float_onnx import write_float_onnx
 from qcli.methods.generators.bn_stats import NoBatchNormError
-from qcli.methods.registry import CALIBRATION_METHODS, load_all
+from qcli.methods.registry import calibration_method, check_settings
 from qcli.quant.spec import BitConfig
 from qcli.stages.allocate import AllocateConfig, BudgetRequest, allocate_bits
-from qcli.stages.calibrate import CalibrateConfig, calibrate, check_settings
+from qcli.stages.calibrate import CalibrateConfig, calibrate
 from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
 from qcli.stages.evaluate import EvalConfig, evaluate
 from qcli.stages.export import ExportConfig, export
@@ -38,7 +38,7 @@ class QuantizeConfig:
     bits: BitConfig = field(default_factory=lambda: BitConfig(8, 8))
     data: DataOptions | None = None
     eval_data: DataOptions | None = None
-    method: str | None = None  # None: the best registered calibration method
+    method: str | None = None  # None: DEFAULT_METHOD for the width
     # The data-free preset keeps `make demo` (EfficientNet-Lite0, 2 cores) within minutes:
     # 32 images in one batch (the set's statistics are the batch's: no cached moments to
     # refresh, ~30% of a step), 50 iterations, DGH with Adam at lr 0.15 (GEN_PRESETS).
@@ -96,8 +96,8 @@ def method_settings(method: str, cfg: QuantizeConfig) -> dict[str, Any]:
     given = {k: v for k, v in pairs if v is not None}
     if cfg.metaaug:
         given["metaaug"] = True
-    check_settings(method, {})  # an unknown method is named before its settings are looked up
-    if "stop" not in CALIBRATION_METHODS[method].settings:
+    # an unknown method is named before its settings are looked up
+    if not calibration_method(method).capabilities.reconstructs:
         return given
     effort = {**ONE_SHOT_EFFORT, "stop": "plateau" if cfg.data is None else "fixed"}
     if "iters" in given:  # iterations asked for are run, not cut to the budget
@@ -105,19 +105,25 @@ def method_settings(method: str, cfg: QuantizeConfig) -> dict[str, Any]:
     return {**effort, **given}
 
 
-def best_method(bits: BitConfig) -> str:
-    """Range setting (MSE) is within a point of float at 8 bits and takes seconds; below 8 bits
-    the best-ranked method (reconstruction) is worth its minutes (benchmarks/ptq.md)."""
-    load_all()
-    if bits.weight >= 8 and bits.activation >= 8:
-        return "mse"
-    return max(CALIBRATION_METHODS.values(), key=lambda m: m.rank).name
+# The default method per width, chosen by measurement (benchmarks/ptq.md), not by a rank a
+# newly registered method could change: range setting (MSE) is within a point of float at
+# 8 bits and takes seconds; below 8 bits reconstruction (QDrop) is worth its minutes.
+DEFAULT_METHOD = {"8 bits": "mse", "below 8 bits": "qdrop"}
+
+
+def default_method(bits: BitConfig) -> str:
+    """`DEFAULT_METHOD` for a width: 8 bits when weights and activations both have 8."""
+    eight = bits.weight >= 8 and bits.activation >= 8
+    return DEFAULT_METHOD["8 bits" if eight else "below 8 bits"]
 
 
 def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
-    method = cfg.method or best_method(cfg.bits)
+    method = cfg.method or default_method(cfg.bits)
     settings = method_settings(method, cfg)
     check_settings(method, settings)
+    caps = calibration_method(method).capabilities
+    if cfg.data is None and (caps.needs_labels or not caps.data_free_ok):
+        raise UsageError(f"--method {method} needs real calibration images: give --data DIR")
     inputs = {**cfg.model.input_files()}
     if cfg.data is not None:
         inputs |= cfg.data.input_files()

@@ -55,7 +55,7 @@ from qcli.methods.generators.images import (
     validate_size,
     validate_steps,
 )
-from qcli.methods.registry import register_data
+from qcli.methods.registry import register_data, setting
 
 OUTPUT_LOSSES = ("minmax", "regularized")
 OPTIMIZERS = {
@@ -64,6 +64,7 @@ OPTIMIZERS = {
     "adafactor": torch.optim.Adafactor,
 }
 IDLE_STATES = ("moments", "compact")
+SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,42 @@ class DghSettings:
     # iters/50: the loss a step sees is noisy (random crop and flip), and the short patience
     # halved the lr long before the images had converged.
     lr: float = 16.0
-    optimizer: str = "radam"  # MCT's; "adam" (at a lr near 0.2) for short runs
+    optimizer: str = setting(  # MCT's; "adam" (at a lr near 0.2) for short runs
+        "--optimizer",
+        "dgh image optimizer: radam (MCT's, with --lr 16), adam (better on short runs, "
+        "e.g. --iters 50 --lr 0.15, the `quantize` preset) or adafactor (no image-sized state; "
+        "what --idle-state compact needs).",
+        default="radam",
+        choices=tuple(OPTIMIZERS),
+    )
     seed: int = 0
-    aggregate: bool = True
-    augment: bool = True
-    output_loss: bool = True
-    output_kind: str = "minmax"  # MCT's NEGATIVE_MIN_MAX_DIFF, or "regularized"
+    aggregate: bool = setting(
+        "--no-aggregate",
+        "dgh ablation: match BN statistics per batch instead of over all images.",
+        default=True,
+        kind=bool,
+        sets=False,
+    )
+    augment: bool = setting(
+        "--no-augment",
+        "dgh ablation: no random flip, crop and smoothing before each step.",
+        default=True,
+        kind=bool,
+        sets=False,
+    )
+    output_loss: bool = setting(
+        "--no-output-loss",
+        "dgh ablation: no output-stretching loss.",
+        default=True,
+        kind=bool,
+        sets=False,
+    )
+    output_kind: str = setting(  # MCT's NEGATIVE_MIN_MAX_DIFF, or "regularized"
+        "--output-loss",
+        "dgh output loss: minmax (default, widen the logit range) or regularized.",
+        default="minmax",
+        choices=OUTPUT_LOSSES,
+    )
     output_weight: float = 1e-5
     # None: H // 7, i.e. 32 at 224 (MCT) and 4 at 32 (CIFAR's own pad-4 random crop)
     extra_pixels: int | None = None
@@ -98,8 +129,24 @@ class DghSettings:
     # random square of (1 - zoom..1) of the padded side and resizes it to the input size;
     # `color_shift` multiplies each channel by exp(U(-c, c)) and adds U(-c, c) in normalized
     # units, one draw per step.
-    zoom: float = 0.0
-    color_shift: float = 0.0
+    zoom: float = setting(
+        "--zoom",
+        "dgh: each step sees a random square of (1 - ZOOM..1) of the image, resized "
+        "(default 0: a plain random crop).",
+        default=0.0,
+        kind=float,
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    color_shift: float = setting(
+        "--color-shift",
+        "dgh: each step scales each channel by exp(U(-C, C)) and shifts it by U(-C, C) "
+        "(normalized units; default 0: off).",
+        default=0.0,
+        kind=float,
+        low=0,
+    )
     lr_factor: float = 0.5
     patience: int | None = None  # None: max(1, iters // 5), measured (see lr)
     min_lr: float = 1e-4
@@ -112,7 +159,15 @@ class DghSettings:
     # Coarse-to-fine (DeepInversion's multi-resolution): this share of the iterations runs on
     # images at `coarse_scale` of the size (a step costs ~scale² as much), which are then
     # upsampled and refined at full size with fresh optimizer state.
-    coarse_share: float = 0.0
+    coarse_share: float = setting(
+        "--coarse-share",
+        "dgh: share of the iterations run at half resolution before refining at full size.",
+        default=0.0,
+        kind=float,
+        low=0,
+        high=1,
+        high_open=True,
+    )
     coarse_scale: float = 0.5
     # What an idle batch (N > B) keeps between its visits. "moments": float32 (padded) images
     # and the optimizer's image-sized moments in bfloat16 (`IdleStore`), 2.5x the output
@@ -126,11 +181,25 @@ class DghSettings:
     # 0.0776, but after the default 200 iters 0.0059 against RAdam's 0.0035: Adafactor's
     # step is capped at lr_t <= 1/sqrt(t), and long runs keep MCT's RAdam and its moments.
     # benchmarks/dgh_memory.md has the table.
-    idle_state: str = "moments"
+    idle_state: str = setting(
+        "--idle-state",
+        "dgh, N > batch: what a batch keeps between its visits. moments (default): float32 "
+        "images and bfloat16 optimizer moments, ~2.5x the output bytes; compact: float16 images "
+        "only, inside the output's memory, ~1x (needs --optimizer adafactor; better on short "
+        "runs, worse at the default iterations).",
+        default="moments",
+        choices=IDLE_STATES,
+    )
     # "plateau": MCT's ReduceLROnPlateau (factor, patience, min_lr above). "cosine": lr ->
     # min_lr along half a cosine over each resolution phase, for short runs, where the
     # plateau rarely fires and the last steps still move at the full lr.
-    schedule: str = "plateau"
+    schedule: str = setting(
+        "--lr-schedule",
+        "dgh: plateau (default, MCT's: halve the lr when the loss stalls) or cosine (decay "
+        "to the floor over the run; for short runs).",
+        default="plateau",
+        choices=SCHEDULES,
+    )
 
     def validate(self) -> None:
         validate_size(self.num_images, self.batch_size)
@@ -334,9 +403,6 @@ class CosineLR:
         self.t = min(self.t + 1, self.steps)
         w = 0.5 * (1 + math.cos(math.pi * self.t / self.steps))
         self.lr.fill_(self.min_lr + (self.top - self.min_lr) * w)
-
-
-SCHEDULES = ("plateau", "cosine")
 
 
 # ---------------------------------------------------------------- idle batches
