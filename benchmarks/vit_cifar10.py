@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,18 +95,9 @@ def _latencies(paths: dict[str, Path], rounds: int = 15) -> dict[str, dict[int, 
 
 
 def _fp32_onnx(module: torch.nn.Module, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            (torch.zeros(1, 3, 32, 32),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-        )
+    from qcli.export.float_onnx import export_module
+
+    export_module(module, (3, 32, 32), path)
 
 
 def _ort_static(fp32: Path, out: Path, calib: np.ndarray, int4: bool) -> float:

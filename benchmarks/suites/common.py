@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from qcli.data import ImageFolderSet, TensorSet, iterate, open_data
 from qcli.evaluate import OrtModel, accuracy
 from qcli.export import kernels
+from qcli.export.float_onnx import export_module
 from qcli.quant.capture import capture, set_float
 from qcli.quant.plan import QuantPlan
 from qcli.quant.spec import BitConfig
@@ -476,20 +476,8 @@ def export_fp32_onnx(ctx: Context, b: Bench) -> tuple[Path, str]:
         qg = capture(loaded.module, b.input_shape, QuantPlan.uniform(BitConfig(8, 8)))
         set_float(qg)
         module = qg.module.eval()
-    example = torch.zeros(1, *b.input_shape)
     tmp = d / "model.onnx.tmp"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            str(tmp),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-        )
+    export_module(module, b.input_shape, tmp)
     tmp.replace(path)
     return path, how
 

@@ -20,12 +20,17 @@ def write_float_onnx(qg: QuantGraph, path: Path) -> Path:
     """Export `qg` with its quantizers off (opset 17, dynamic batch) to `path`."""
     graph = copy.deepcopy(qg)
     set_float(graph)
-    example = torch.zeros(1, *graph.input_shape)
+    return export_module(graph.module, graph.input_shape, path)
+
+
+def export_module(module: torch.nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+    """A float module as ONNX (opset 17, input `input` with a dynamic batch, output `logits`):
+    the FP32 file that latency and size are compared against."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph.module.eval(),
-            (example,),
+            module.eval(),
+            (torch.zeros(1, *input_shape),),
             str(path),
             dynamo=False,
             opset_version=17,
