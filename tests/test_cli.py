@@ -381,8 +381,8 @@ def _first_of_each_class(src: Path, dst: Path, n: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_r20_quantize_w4_with_real_weights_on_cifar(tmp_path: Path, shared_data: Path):
-    """`quantize --bits 4` (W4A8, its default method: QDrop) on the pretrained ResNet-20 and
-    real CIFAR-10 images keeps the float model's accuracy on 300 test images, and the
+    """`quantize --bits 4` (mixed widths at the 4-bit size, A8, QDrop) on the pretrained
+    ResNet-20 and real CIFAR-10 images keeps the float model's accuracy on 300 test images, and the
     exported file computes what the integer-exact simulation does, bit for bit."""
     w = shared_data.parent / "models" / "resnet20_cifar10.th"
     if not w.is_file():
@@ -396,7 +396,8 @@ def test_r20_quantize_w4_with_real_weights_on_cifar(tmp_path: Path, shared_data:
     )
     assert code == 0, err
     r = json.loads(out)
-    assert r["bits"] == "w4a8" and r["method"] == "qdrop"
+    assert r["bits"] == "mixed at the size of w4a8" and r["method"] == "qdrop"
+    assert r["plan"]["weight_bytes"] <= r["plan"]["budget_bytes"]
     fp, q = r["eval_fp"], r["eval_quantized"]
     assert fp["n"] == q["n"] == 300
     assert fp["top1"] > 75  # the real weights (chance: 10)

@@ -71,14 +71,41 @@ def quantized(tmp_path_factory, weights: Path) -> dict[str, Path]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as `one_thread`, for this module-wide setup
     try:
-        for bits in ("w8a8", "w4a8"):
-            out = tmp_path_factory.mktemp(f"q-{bits}") / "r20"
-            code, _, err = run(*quantize_args(weights, out, bits))
+        for key, bits, extra in (
+            ("w8a8", "w8a8", ()),
+            ("w4a8", "w4a8", ()),
+            ("uniform", "w4a8", ("--uniform",)),
+        ):
+            out = tmp_path_factory.mktemp(f"q-{key}") / "r20"
+            code, _, err = run(*quantize_args(weights, out, bits, *extra))
             assert code == 0, err
-            outs[bits] = out
+            outs[key] = out
     finally:
         torch.set_num_threads(before)
     return outs
+
+
+def test_below_8_bits_the_size_is_a_budget_and_uniform_keeps_every_layer_at_it(
+    quantized: dict[str, Path],
+):
+    """`--bits w4a8` allocates 2-8 bits per layer within the size of uniform 4-bit weights
+    (and passes the export gate); `--uniform` puts every layer at 4 bits."""
+    mixed = json.loads((quantized["w4a8"] / "summary.json").read_text())
+    plan = mixed["plan"]
+    widths = {int(b) for per_kind in plan["weights"].values() for b in per_kind}
+    assert len(widths) > 1 and widths <= {2, 3, 4, 8}
+    assert plan["weight_bytes"] <= plan["budget_bytes"]
+    assert plan["budget_bytes"] == sum(  # the 4-bit size: every weight at 4 bits
+        u["params"] * 4 / 8
+        for u in json.loads((quantized["w4a8"] / "bits.json").read_text())["sensitivities"]["units"]
+        if u["kind"] == "weight"
+    )
+    assert mixed["export"]["check"]["exact"]["tensors_differ"] == 0
+    uniform = json.loads((quantized["uniform"] / "summary.json").read_text())
+    assert uniform["bits"] == "w4a8" and "budget_bytes" not in uniform["plan"]
+    assert {int(b) for per_kind in uniform["plan"]["weights"].values() for b in per_kind} == {4}
+    assert not (quantized["uniform"] / "bits.json").exists()
+    assert uniform["plan"]["weight_bytes"] == plan["budget_bytes"]
 
 
 @pytest.fixture
@@ -92,16 +119,18 @@ def previous(tmp_path: Path, quantized: dict[str, Path]) -> Path:
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
 def test_summary_is_valid_and_names_the_final_folder(quantized: dict[str, Path], bits: str):
     out = quantized[bits]
-    assert {p.name for p in out.iterdir()} == OUTPUTS
+    mixed = bits != "w8a8"  # below 8 bits the 4-bit size is a budget: bits.json holds the plan
+    assert {p.name for p in out.iterdir()} == OUTPUTS | ({"bits.json"} if mixed else set())
     assert leftovers(out.parent, out) == []
     summary = json.loads((out / "summary.json").read_text())
     manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
     data_manifest = json.loads((out / "calib-data" / "manifest.json").read_text())
 
-    assert summary["bits"] == bits and summary["method"] == ("mse" if bits == "w8a8" else "qdrop")
+    assert summary["bits"] == (f"mixed at the size of {bits}" if mixed else bits)
+    assert summary["method"] == ("qdrop" if mixed else "mse")
     assert summary["export"]["check"]["ok"] is True
     assert summary["eval_quantized"]["n_images"] == summary["data_generation"]["images"] == 4
-    assert manifest["bits"] == bits and manifest["calibration"]["images"] == 4
+    assert manifest["bits"].startswith("mixed") == mixed and manifest["calibration"]["images"] == 4
     if bits == "w4a8":
         assert manifest["method"]["bn_tune"] is True  # on by default below 8 bits
 

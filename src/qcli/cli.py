@@ -399,6 +399,7 @@ def _quantize_rows(r: dict) -> list[tuple]:
     rows = [
         ("model", r["model"]),
         ("bits / method", f"{r['bits']} / {r['method']}"),
+        *_plan_rows(r.get("plan")),
         *_ops_rows(r.get("calibrate", {}).get("ops")),
         ("evaluated on", r["eval_data"]),
     ]
@@ -428,6 +429,22 @@ def _quantize_rows(r: dict) -> list[tuple]:
         rows.append(("size ONNX FP32 -> INT8", size))
     rows.append(("output", f"{r['out']}/model.onnx"))
     return rows
+
+
+def _plan_rows(plan: dict | None) -> list[tuple]:
+    """Weight widths per layer kind, and the packed size against the budget."""
+    if not plan:
+        return []
+    kinds = "; ".join(
+        f"{kind} " + " ".join(f"{n}×{'fp' if b == 32 else b}" for b, n in widths.items())
+        for kind, widths in plan["weights"].items()
+    )
+    size = f"{plan['weight_bytes']:,} bytes"
+    if "budget_bytes" in plan:
+        size += f" of {plan['budget_bytes']:,} allowed"
+        if plan.get("predicted_kl") is not None:
+            size += f" (predicted KL {plan['predicted_kl']:.3g})"
+    return [("weight bits per layer kind", kinds), ("packed weights", size)]
 
 
 def _ops_rows(ops: dict | None) -> list[tuple]:
@@ -510,10 +527,11 @@ def _mb(v) -> str:
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @method_options(calibration_flags(), QUANTIZE_SETTINGS, QUANTIZE_HELP)
 @click.option(
-    "--mixed",
-    is_flag=True,
-    help="Mixed precision at the size of uniform --bits weights: allocate-bits picks 2, 3, 4 "
-    "or 8 bits per layer (integer program on measured sensitivities).",
+    "--mixed/--uniform",
+    default=None,
+    help="--mixed [default below 8-bit weights]: the size of uniform --bits weights is a "
+    "budget; allocate-bits picks 2, 3, 4 or 8 bits per layer (integer program on estimated "
+    "sensitivities). --uniform: every layer at --bits.",
 )
 @int8_range_option
 @int8_widen_option
@@ -549,13 +567,15 @@ def quantize(
     \b
     Examples:
       qcli quantize --out effl0-w8                   # embedded EfficientNet-Lite0, data-free
-      qcli quantize --bits 4 --iters 100 --out effl0-w4   # QDrop + BN tuning, data-free
-      qcli quantize --bits 4 --mixed --iters 100 --out effl0-mixed4  # 2-8 bits, 4-bit size
+      qcli quantize --bits 4 --iters 100 --out effl0-w4   # 2-8 bits at the 4-bit size
+      qcli quantize --bits 4 --uniform --out effl0-u4     # every layer at 4 bits
       qcli quantize builtin:resnet20_cifar10 --weights r20.th --bits w8a8 \\
           --data cifar10/train --limit 1024 --eval-data cifar10/test --out r20-w8
     """
-    from qcli.stages.quantize import QuantizeConfig
+    from qcli.stages.quantize import QuantizeConfig, is_mixed
     from qcli.stages.quantize import quantize as run
+
+    precision = None if mixed is None else ("mixed" if mixed else "uniform")
 
     given = _settings_given(kw, calibration_flags(), QUANTIZE_SETTINGS)
     mo = _model(model, kw)
@@ -583,9 +603,11 @@ def quantize(
         granularity=given.get("granularity"),
         bn_tune=bn_tune,
         int8_range=int8_range,
-        widen_share=_widen_share(int8_widen_share, int8_range, None if mixed else bits),
+        widen_share=_widen_share(
+            int8_widen_share, int8_range, None if is_mixed(bits, precision) else bits
+        ),
         weight_storage=weight_storage,
-        mixed=mixed,
+        precision=precision,
         metaaug=given.get("metaaug", False),
         strict=strict,
     )
