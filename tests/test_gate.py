@@ -182,17 +182,22 @@ def _input_scale_mismatch(model: onnx.ModelProto) -> None:
     dq.input[1] = f"{init.name}_wrong"
 
 
+def _bypass(graph: onnx.GraphProto, q: onnx.NodeProto, dqs: list[onnx.NodeProto]) -> None:
+    """Take a QuantizeLinear and its DequantizeLinears out: their readers read the float."""
+    outs = {dq.output[0] for dq in dqs}
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name in outs:
+                n.input[i] = q.input[0]
+    for node in [*dqs, q]:
+        graph.node.remove(node)
+
+
 def _no_activation_quantizers(model: onnx.ModelProto) -> None:
     """Every activation QuantizeLinear -> DequantizeLinear pair left out of the file."""
     graph = model.graph
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
-        for dq in [n for n in graph.node if q.output[0] in n.input]:
-            for n in graph.node:
-                for i, name in enumerate(n.input):
-                    if name == dq.output[0]:
-                        n.input[i] = q.input[0]
-            graph.node.remove(dq)
-        graph.node.remove(q)
+        _bypass(graph, q, [n for n in graph.node if q.output[0] in n.input])
 
 
 def _input_zero_point(qg: QuantGraph) -> None:
@@ -231,13 +236,7 @@ def _one_quantizer_removed(model: onnx.ModelProto) -> None:
     graph = model.graph
     stem = MID_Q.replace(".", "_")
     q = next(n for n in graph.node if n.name == f"{stem}_q")
-    dq = next(n for n in graph.node if n.name == f"{stem}_dq")
-    for n in graph.node:
-        for i, name in enumerate(n.input):
-            if name == dq.output[0]:
-                n.input[i] = q.input[0]
-    graph.node.remove(dq)
-    graph.node.remove(q)
+    _bypass(graph, q, [next(n for n in graph.node if n.name == f"{stem}_dq")])
 
 
 @dataclass(frozen=True)
