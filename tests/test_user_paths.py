@@ -74,6 +74,7 @@ def quantized(tmp_path_factory, weights: Path) -> dict[str, Path]:
         for key, bits, extra in (
             ("w8a8", "w8a8", ()),
             ("w4a8", "w4a8", ()),
+            ("mixed", "w4a8", ("--mixed",)),
             ("uniform", "w4a8", ("--uniform",)),
         ):
             out = tmp_path_factory.mktemp(f"q-{key}") / "r20"
@@ -88,16 +89,20 @@ def quantized(tmp_path_factory, weights: Path) -> dict[str, Path]:
 def test_below_8_bits_the_size_is_a_budget_and_uniform_keeps_every_layer_at_it(
     quantized: dict[str, Path],
 ):
-    """`--bits w4a8` allocates 2-8 bits per layer within the size of uniform 4-bit weights
-    (and passes the export gate); `--uniform` puts every layer at 4 bits."""
-    mixed = json.loads((quantized["w4a8"] / "summary.json").read_text())
+    """`--bits w4a8 --mixed` allocates 2-8 bits per layer within the size of uniform 4-bit
+    weights (and passes the export gate); `--uniform` puts every layer at 4 bits; without
+    either, the allocation runs and is kept only where it predicts a large gain."""
+    mixed = json.loads((quantized["mixed"] / "summary.json").read_text())
+    assert mixed["bits"] == "mixed at the size of w4a8"
     plan = mixed["plan"]
     widths = {int(b) for per_kind in plan["weights"].values() for b in per_kind}
     assert len(widths) > 1 and widths <= {2, 3, 4, 8}
     assert plan["weight_bytes"] <= plan["budget_bytes"]
     assert plan["budget_bytes"] == sum(  # the 4-bit size: every weight at 4 bits
         u["params"] * 4 / 8
-        for u in json.loads((quantized["w4a8"] / "bits.json").read_text())["sensitivities"]["units"]
+        for u in json.loads((quantized["mixed"] / "bits.json").read_text())["sensitivities"][
+            "units"
+        ]
         if u["kind"] == "weight"
     )
     assert mixed["export"]["check"]["exact"]["tensors_differ"] == 0
@@ -106,6 +111,16 @@ def test_below_8_bits_the_size_is_a_budget_and_uniform_keeps_every_layer_at_it(
     assert {int(b) for per_kind in uniform["plan"]["weights"].values() for b in per_kind} == {4}
     assert not (quantized["uniform"] / "bits.json").exists()
     assert uniform["plan"]["weight_bytes"] == plan["budget_bytes"]
+    auto = json.loads((quantized["w4a8"] / "summary.json").read_text())["allocate_bits"]
+    gain = auto["predicted_degradation"] / auto["uniform_predicted_degradation"]
+    assert auto["chosen"] == ("mixed" if gain <= quantize_stage.MIXED_MIN_GAIN else "uniform")
+
+
+def test_choose_plan_follows_the_flag_else_the_predicted_gain():
+    choose = quantize_stage.choose_plan
+    assert choose("uniform", 0.01, 1.0) == "uniform" and choose("mixed", 0.9, 1.0) == "mixed"
+    assert choose(None, 0.1, 1.0) == "mixed"  # effl0 W4A8: a tenth of uniform's KL
+    assert choose(None, 0.51, 1.0) == "uniform"  # r20 W4A4: half, and reconstruction wins
 
 
 @pytest.fixture
@@ -119,15 +134,16 @@ def previous(tmp_path: Path, quantized: dict[str, Path]) -> Path:
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
 def test_summary_is_valid_and_names_the_final_folder(quantized: dict[str, Path], bits: str):
     out = quantized[bits]
-    mixed = bits != "w8a8"  # below 8 bits the 4-bit size is a budget: bits.json holds the plan
-    assert {p.name for p in out.iterdir()} == OUTPUTS | ({"bits.json"} if mixed else set())
+    allocated = bits != "w8a8"  # below 8 bits the allocation runs: bits.json holds its plan
+    assert {p.name for p in out.iterdir()} == OUTPUTS | ({"bits.json"} if allocated else set())
     assert leftovers(out.parent, out) == []
     summary = json.loads((out / "summary.json").read_text())
     manifest = json.loads((out / "model.qcli" / "manifest.json").read_text())
     data_manifest = json.loads((out / "calib-data" / "manifest.json").read_text())
 
+    mixed = allocated and summary["allocate_bits"]["chosen"] == "mixed"
     assert summary["bits"] == (f"mixed at the size of {bits}" if mixed else bits)
-    assert summary["method"] == ("qdrop" if mixed else "mse")
+    assert summary["method"] == ("qdrop" if allocated else "mse")
     assert summary["export"]["check"]["ok"] is True
     assert summary["eval_quantized"]["n_images"] == summary["data_generation"]["images"] == 4
     assert manifest["bits"].startswith("mixed") == mixed and manifest["calibration"]["images"] == 4

@@ -529,9 +529,10 @@ def _mb(v) -> str:
 @click.option(
     "--mixed/--uniform",
     default=None,
-    help="--mixed [default below 8-bit weights]: the size of uniform --bits weights is a "
-    "budget; allocate-bits picks 2, 3, 4 or 8 bits per layer (integer program on estimated "
-    "sensitivities). --uniform: every layer at --bits.",
+    help="--mixed: the size of uniform --bits weights is a budget; allocate-bits picks 2, 3, "
+    "4 or 8 bits per layer (integer program on estimated sensitivities). --uniform: every "
+    "layer at --bits. Neither (below 8-bit weights): the allocation runs and its plan is "
+    "used where it predicts at most a quarter of uniform weights' degradation.",
 )
 @int8_range_option
 @int8_widen_option
