@@ -259,3 +259,20 @@ def test_estimated_sensitivities_end_to_end(tmp_path, weights, images):
         "--weight-bits", "2,4,8", "--max-drop", "1",
     )  # fmt: skip
     assert code == 2 and "measured" in err  # an estimated file has no drops to sum
+
+
+def test_quantize_allocates_on_the_sensitivities_its_benchmark_backs():
+    """`quantize` allocates on estimated sensitivities because benchmarks/sensitivity.py
+    measured them faster and within a point of measuring on both benchmark models: rerun it
+    when either changes."""
+    from qcli.stages import quantize as q
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sensitivity.json"
+    results = json.loads(path.read_text())["results"]
+    assert set(results) == {"r20", "effl0"}
+    for r in results.values():
+        measured, estimated = r["modes"]["measure"], r["modes"]["estimate"]
+        assert estimated["sensitivity_s"] < measured["sensitivity_s"] / 4
+        assert estimated["top1"] >= measured["top1"] - 1.0
+        assert estimated["weight_bytes"] <= estimated["budget_bytes"]
+    assert q.MIXED_SENSITIVITY == "estimate"
