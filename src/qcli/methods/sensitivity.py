@@ -176,20 +176,22 @@ def _estimated(
     layer applied to (quantized − float) weights, an activation by (quantized − float)."""
     layers = dict(qg.layers())
     sites = {
-        unit: (layers[unit], _weight_change(q)) if unit in layers else (q, _activation_change)
+        unit: (layers[unit], _weight_change(layers[unit], q))
+        if unit in layers
+        else (q, _activation_change)
         for unit, q in todo.items()
     }
     with quant_mode(qg.select(), QuantMode.OFF):
         return output_kl(qg, images, sites, settings)
 
 
-def _weight_change(wq: Quantizer):
-    def change(layer: nn.Module, args: tuple[Tensor, ...], y: Tensor) -> Tensor:
-        with quant_mode([wq], QuantMode.QUANTIZE):
-            dw = wq(layer.weight) - layer.weight
-        return layer.with_weights(args[0], dw, None)
-
-    return change
+@torch.no_grad()
+def _weight_change(layer: nn.Module, wq: Quantizer):
+    """The layer applied to (quantized − float) weights; the difference is taken once, not
+    per batch."""
+    with quant_mode([wq], QuantMode.QUANTIZE):
+        dw = wq(layer.weight) - layer.weight
+    return lambda m, args, y: m.with_weights(args[0], dw, None)
 
 
 def _activation_change(q: nn.Module, args: tuple[Tensor, ...], y: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from qcli.quant.capture import QuantGraph
 from qcli.quant.spec import BitConfig
 from qcli.stages.allocate import AllocateConfig, BudgetRequest, allocate_bits, read_bits
 from qcli.stages.calibrate import CalibrateConfig, calibrate
-from qcli.stages.common import DataOptions, ModelOptions, load_qmodel
+from qcli.stages.common import DataOptions, ModelOptions, QModel, load_qmodel
 from qcli.stages.evaluate import EvalConfig, evaluate
 from qcli.stages.export import ExportConfig, export
 from qcli.stages.generate_data import GenerateConfig, generate
@@ -253,11 +253,12 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
             ),
             ui,
         )
+        qm = load_qmodel(qpath)  # once, for the plan and the float file
         alloc = summary.get("allocate_bits")
         summary["plan"] = plan_summary(
-            load_qmodel(qpath).graph, alloc if alloc and alloc["chosen"] == "mixed" else None
+            qm.graph, alloc if alloc and alloc["chosen"] == "mixed" else None
         )
-        summary["deployment"] = _float_vs_int8(qpath, opath, cfg.latency, ui)
+        summary["deployment"] = _float_vs_int8(qm, opath, cfg.latency, ui)
         # Paths recorded so far point into the temporary folder: name the final one instead.
         _relocate(summary, tmp, cfg.out)
         write_manifest(tmp / "summary.json", summary)
@@ -339,11 +340,10 @@ def plan_summary(qg: QuantGraph, allocation: dict[str, Any] | None) -> dict[str,
     return out
 
 
-def _float_vs_int8(qpath: Path, opath: Path, measure_latency: bool, ui: UI) -> dict[str, Any]:
+def _float_vs_int8(qm: QModel, opath: Path, measure_latency: bool, ui: UI) -> dict[str, Any]:
     """The float model and the quantized file side by side as a user deploys them: both as
     ONNX in the same onnxruntime, sizes and latency measured in one run (the float file is
     written to a scratch folder and not kept)."""
-    qm = load_qmodel(qpath)
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = write_float_onnx(qm.graph, Path(scratch) / "float.onnx")
         report: dict[str, Any] = {
