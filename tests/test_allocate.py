@@ -259,6 +259,14 @@ def test_estimated_sensitivities_end_to_end(tmp_path, weights, images):
         "--weight-bits", "2,4,8", "--max-drop", "1",
     )  # fmt: skip
     assert code == 2 and "measured" in err  # an estimated file has no drops to sum
+    # one candidate width per kind: nothing to estimate, the uniform plan (was an internal
+    # error: autograd asked for the gradients of no site)
+    code, stdout, err = run(
+        *base, "--weight-bits", "4", "--act-bits", "4", "--max-size", "4bit",
+        "--sensitivity", "estimate", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert set(json.loads(stdout)["weight_bits"].values()) == {4}
 
 
 def test_quantize_allocates_on_the_sensitivities_its_benchmark_backs():

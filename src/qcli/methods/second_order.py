@@ -42,6 +42,8 @@ def output_kl(
     """KL(model's output ‖ output with site n's change applied alone), estimated for every
     site at once over the images `x` (batch mean, nats)."""
     sums = dict.fromkeys(sites, 0.0)
+    if not sites:  # one candidate width: nothing to tell apart
+        return {}
     gen = torch.Generator().manual_seed(settings.seed)
     outs: dict[str, Tensor] = {}
     changes: dict[str, Tensor] = {}
@@ -62,6 +64,8 @@ def output_kl(
             with torch.enable_grad():
                 z = model(xb.detach().requires_grad_(True)).float()
             names = [n for n in outs if outs[n].requires_grad]
+            if not names:
+                continue
             p = z.detach().softmax(1)
             for d in range(settings.draws):
                 r = torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1
