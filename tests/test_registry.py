@@ -4,6 +4,7 @@ CLI's options, the "does not apply" check and `quantize`'s default follow from t
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,23 @@ def test_a_new_method_does_not_change_quantizes_default(monkeypatch):
     # a method registered later, even one that reconstructs, is never picked by default
     _toy(monkeypatch, "zzz-best", Capabilities(reconstructs=True))
     assert {b: default_method(BitConfig(*b)) for b in before} == before
+
+
+def test_quantize_defaults_are_the_ones_its_benchmark_ranked_first():
+    """`quantize`'s method per width is the first of benchmarks/one_shot.py's ranking (mean
+    drop over both benchmark models), and its effort the one those rows ran with: change
+    either, rerun the rows."""
+    from conftest import REPO
+    from qcli.stages.quantize import ONE_SHOT_EFFORT, width_class
+
+    payload = json.loads((REPO / "benchmarks" / "results" / "one_shot.json").read_text())
+    ranking = payload["ranking"]
+    assert set(ranking) == {"4", "w4a4"}  # the two widths below 8 bits it ranks
+    for bits, r in ranking.items():
+        cls = width_class(BitConfig.parse(bits))
+        assert DEFAULT_METHOD[cls] == r["default"] == max(r["mean_drop"], key=r["mean_drop"].get)
+        assert {c.split()[0] for c in r["cells"]} == {"effl0", "r20"}  # both models ranked
+    assert payload["effort"] == ONE_SHOT_EFFORT
 
 
 def test_registry_loads_every_method():

@@ -35,6 +35,7 @@ from qcli.quant.grid import narrowing_blocker
 from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.stages.evaluate import SIMULATIONS
+from qcli.stages.quantize import describe_default_method
 from qcli.ui import RichUI
 
 load_all()
@@ -489,7 +490,7 @@ def _mb(v) -> str:
 @click.option(
     "--method",
     type=click.Choice(sorted(CALIBRATION_METHODS)),
-    help="Calibration method [mse at W8A8, else qdrop].",
+    help=f"Calibration method [{describe_default_method()}].",
 )
 @click.option(
     "--eval-data",

@@ -1,0 +1,319 @@
+"""`qcli quantize`'s one-shot defaults, measured: the method per width, the effort, a second model.
+
+    python benchmarks/one_shot.py --run [--rows REGEX]   # run the rows not cached yet
+    python benchmarks/one_shot.py                        # re-render from the cache
+
+Each row is one `qcli quantize` command in a fresh process with one torch thread, so two rows
+can share the 2-core machine. Its --json summary, wall seconds, load and commit are cached in
+benchmarks/.cache/one_shot/<row>.json; rendering writes benchmarks/one_shot.md and
+benchmarks/results/one_shot.json, including the defaults the rows choose (the method that
+ranks first per width over both benchmark models). tests/test_quantize.py pins quantize's
+defaults to that file: change a default, rerun the rows it rests on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from suites.common import (  # noqa: E402
+    CACHE,
+    RESULTS,
+    _git,
+    cpu_flags,
+    loadavg,
+    shared_data,
+    split_imagenet_sample,
+)
+
+ROW_CACHE = CACHE / "one_shot"
+FP_KEY = "eval_fp"
+# the width each method ranking is taken at: `--bits 4` (the 4-bit size, 8-bit activations)
+# and `--bits w4a4`
+WIDTHS = {"4": "the 4-bit size, A8", "w4a4": "W4A4"}
+RANKED_MODELS = ("effl0", "r20")
+EFFORT_BASES = {("effl0", "4", "qdrop"), ("r20", "w4a4", "brecq")}  # the curves' default points
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    model: str  # effl0 | lite1 | r20
+    bits: str
+    method: str
+    data: str  # real | free
+    group: str  # method | effort | second model
+    seed: int = 0
+    iters: int | None = None  # None: quantize's one-shot effort
+    precision: str | None = None  # None: quantize's choice; mixed | uniform
+
+
+def _rows() -> list[Row]:
+    rows = []
+    for model, bits in (("effl0", "4"), ("r20", "4"), ("r20", "w4a4"), ("effl0", "w4a4")):
+        for method in ("qdrop", "brecq"):
+            for data in ("real",) if (model, bits) == ("effl0", "w4a4") else ("real", "free"):
+                seeds = (0, 1, 2) if (model, bits, data) == ("r20", "w4a4", "real") else (0,)
+                for seed in seeds:
+                    rows.append(
+                        Row(
+                            f"{model}-{bits}-{method}-{data}-s{seed}",
+                            model,
+                            bits,
+                            method,
+                            data,
+                            "method",
+                            seed,
+                        )
+                    )
+    # effort: iterations per unit around the default of each width's chosen method (effl0's
+    # budget gives 97 per unit, r20 gets 500)
+    for model, bits, method, iters in (
+        ("effl0", "4", "qdrop", 50),
+        ("effl0", "4", "qdrop", 200),
+        ("r20", "w4a4", "brecq", 1000),
+        ("r20", "w4a4", "brecq", 2000),
+    ):
+        name = f"{model}-{bits}-{method}-real-i{iters}"
+        rows.append(Row(name, model, bits, method, "real", "effort", iters=iters))
+    for data in ("real", "free"):
+        rows.append(Row(f"lite1-4-qdrop-{data}-s0", "lite1", "4", "qdrop", data, "second model"))
+    rows.append(
+        Row(
+            "lite1-4-qdrop-real-uniform",
+            "lite1",
+            "4",
+            "qdrop",
+            "real",
+            "second model",
+            precision="uniform",
+        )
+    )
+    return rows
+
+
+ROWS = _rows()
+
+
+def command(row: Row, out: Path) -> list[str]:
+    shared = shared_data()
+    if row.model == "r20":
+        weights = shared.parent / "models" / "resnet20_cifar10.th"
+        model = ["builtin:resnet20_cifar10", "--weights", str(weights)]
+        real = ["--data", str(shared / "cifar10" / "train"), "--limit", "1024"]
+        held_out = str(shared / "cifar10" / "test")
+    else:
+        calib, held = split_imagenet_sample(shared / "imagenet-sample")
+        model = [
+            "builtin:efficientnet_lite0" if row.model == "effl0" else "builtin:efficientnet_lite1"
+        ]
+        real, held_out = ["--data", str(calib)], str(held)
+    args = [*model, "--bits", row.bits, "--method", row.method, "--eval-data", held_out]
+    args += real if row.data == "real" else []
+    args += ["--seed", str(row.seed)] if row.seed else []
+    args += ["--iters", str(row.iters)] if row.iters else []
+    args += [f"--{row.precision}"] if row.precision else []
+    return ["qcli", "quantize", *args, "--no-latency", "--out", str(out), "--force", "--json"]
+
+
+def run_row(row: Row) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = command(row, Path(tmp) / "out")
+        start, load_start = time.perf_counter(), loadavg()
+        proc = subprocess.run(
+            [sys.executable, "-m", "qcli", *cmd[1:]], capture_output=True, text=True, env=env
+        )
+        seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{row.name}: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return {
+        "row": asdict(row),
+        "command": " ".join(cmd),
+        "seconds": round(seconds, 1),
+        "load": [load_start, loadavg()],
+        "commit": _git("rev-parse", "--short", "HEAD").strip(),
+        "summary": json.loads(proc.stdout),
+    }
+
+
+def cell(result: dict) -> dict:
+    """The numbers a table row shows, from one cached run."""
+    s = result["summary"]
+    plan = s["plan"]
+    alloc = s.get("allocate_bits") or {}
+    return {
+        "top1": s["eval_quantized"]["top1"],
+        "fp": s[FP_KEY]["top1"],
+        "seconds": result["seconds"],
+        "plan": "; ".join(
+            f"{kind} "
+            + " ".join(f"{n}×{b}b" for b, n in sorted(per.items(), key=lambda x: int(x[0])))
+            for kind, per in plan["weights"].items()
+        ),
+        "weight_bytes": plan["weight_bytes"],
+        "budget_bytes": plan.get("budget_bytes"),
+        "chosen": alloc.get("chosen", "uniform"),
+        "kl_ratio": (
+            alloc["predicted_degradation"] / alloc["uniform_predicted_degradation"]
+            if alloc.get("uniform_predicted_degradation")
+            else None
+        ),
+        "iters": s["calibrate"]["reconstruction"]["settings"]["iters"],
+        "load": result["load"],
+        "commit": result["commit"],
+        "command": result["command"],
+    }
+
+
+def default_effort(results: dict[str, dict]) -> dict | None:
+    """The one-shot effort the ranked rows ran with, as their runs record it: the iteration
+    ceiling (the largest any model got) and the compute budget that cut effl0's."""
+    runs = [
+        results[r.name]["summary"]["calibrate"]["reconstruction"]["settings"]
+        for r in ROWS
+        if r.group == "method" and r.iters is None and r.name in results
+    ]
+    if not runs or len({s.get("budget") for s in runs}) != 1:
+        return None
+    return {"iters": max(s["iters"] for s in runs), "budget": runs[0]["budget"]}
+
+
+def ranking(cells: dict[str, dict]) -> dict:
+    """Per width: each method's mean drop (top-1 − FP, seeds averaged per cell) over the
+    (model, data) cells where every method ran; the first is the default it chooses."""
+    out = {}
+    for bits in WIDTHS:
+        per: dict[tuple[str, str], dict[str, list[float]]] = {}
+        for row in ROWS:
+            if row.group != "method" or row.bits != bits or row.model not in RANKED_MODELS:
+                continue
+            if row.name in cells:
+                c = cells[row.name]
+                per.setdefault((row.model, row.data), {}).setdefault(row.method, []).append(
+                    c["top1"] - c["fp"]
+                )
+        methods = {m for v in per.values() for m in v}
+        complete = {k: v for k, v in per.items() if set(v) == methods and len(methods) > 1}
+        if not complete:
+            continue
+        means = {
+            m: statistics.fmean(statistics.fmean(v[m]) for v in complete.values()) for m in methods
+        }
+        order = sorted(means, key=lambda m: -means[m])
+        out[bits] = {
+            "cells": {f"{k[0]} {k[1]}": {m: v[m] for m in order} for k, v in complete.items()},
+            "mean_drop": {m: round(means[m], 3) for m in order},
+            "default": order[0],
+        }
+    return out
+
+
+def markdown(payload: dict) -> str:
+    lines = [
+        "# `qcli quantize` one-shot defaults, measured (issue 25)",
+        "",
+        f"- command: `python benchmarks/one_shot.py --run` (rows cached per run); rendered "
+        f"{payload['date']}; CPU flags {' '.join(payload['cpu_flags'])}; 2 cores, each row one "
+        "torch thread with another row beside it (seconds are upper bounds of a quiet machine's "
+        "2-thread run); commit and load per row in the JSON.",
+        "- effl0 / lite1: the benchmark's 100 calibration and 400 evaluation images of "
+        "imagenet-sample; r20: 1,024 cifar10/train images, all 10,000 cifar10/test images. "
+        "'free': no --data (32 DGH images).",
+        "",
+        "| row | model | bits | method | data | seed | iters | plan | bytes / budget | "
+        "top-1 | FP | Δ | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        c = payload["cells"].get(row.name)
+        if c is None:
+            continue
+        budget = f" / {c['budget_bytes']:,}" if c["budget_bytes"] else ""
+        lines.append(
+            f"| {row.name} | {row.model} | {row.bits} | {row.method} | {row.data} | {row.seed} | "
+            f"{row.iters or 'default'} | {c['chosen']}: {c['plan']} | {c['weight_bytes']:,}"
+            f"{budget} | {c['top1']:.2f} | {c['fp']:.2f} | {c['top1'] - c['fp']:+.2f} | "
+            f"{c['seconds']:.0f} |"
+        )
+    lines += ["", "## Method ranking per width (mean drop over the cells where both ran)", ""]
+    for bits, r in payload["ranking"].items():
+        cells = "; ".join(
+            f"{k}: " + ", ".join(f"{m} {statistics.fmean(v):+.2f}" for m, v in ms.items())
+            for k, ms in r["cells"].items()
+        )
+        means = ", ".join(f"{m} {v:+.2f}" for m, v in r["mean_drop"].items())
+        lines.append(f"- {WIDTHS[bits]}: {means} → default **{r['default']}** ({cells})")
+    effort = payload["effort"]
+    if effort:
+        lines += [
+            "",
+            f"## Effort (the ranked rows ran at most {effort['iters']} iterations per unit within "
+            f"a budget of {effort['budget']:g} billion activation elements)",
+            "",
+            "| model | bits | method | iterations per unit | top-1 | Δ FP | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in ROWS:
+            c = payload["cells"].get(row.name)
+            if c is None or row.data != "real" or row.seed or row.precision:
+                continue
+            base = row.group == "method" and (row.model, row.bits, row.method) in EFFORT_BASES
+            if row.group == "effort" or base:
+                lines.append(
+                    f"| {row.model} | {row.bits} | {row.method} | {c['iters']} | "
+                    f"{c['top1']:.2f} | {c['top1'] - c['fp']:+.2f} | {c['seconds']:.0f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from qcli.artifacts.atomic import atomic_file
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="store_true", help="run the rows not cached yet")
+    parser.add_argument("--rows", default=".", help="regex over row names")
+    args = parser.parse_args()
+    ROW_CACHE.mkdir(parents=True, exist_ok=True)
+    for row in ROWS:
+        path = ROW_CACHE / f"{row.name}.json"
+        if args.run and re.search(args.rows, row.name) and not path.exists():
+            print(f"[{time.strftime('%H:%M:%S')}] {row.name}", flush=True)
+            result = run_row(row)
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(result, indent=1))
+    results = {
+        row.name: json.loads((ROW_CACHE / f"{row.name}.json").read_text())
+        for row in ROWS
+        if (ROW_CACHE / f"{row.name}.json").exists()
+    }
+    cells = {name: cell(result) for name, result in results.items()}
+    payload = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu_flags": cpu_flags(),
+        "cells": cells,
+        "ranking": ranking(cells),
+        "effort": default_effort(results),
+    }
+    for path, text in (
+        (RESULTS / "one_shot.json", json.dumps(payload, indent=1)),
+        (BENCH / "one_shot.md", markdown(payload)),
+    ):
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
