@@ -31,7 +31,6 @@ sys.path.insert(0, str(BENCH))
 from suites.common import (  # noqa: E402
     CACHE,
     RESULTS,
-    _git,
     cpu_flags,
     loadavg,
     shared_data,
@@ -80,14 +79,15 @@ def _rows() -> list[Row]:
                     )
     # effort: iterations per unit around the default of each width's chosen method (effl0's
     # budget gives 97 per unit, r20 gets 500)
-    for model, bits, method, iters in (
-        ("effl0", "4", "qdrop", 50),
-        ("effl0", "4", "qdrop", 200),
-        ("r20", "w4a4", "brecq", 1000),
-        ("r20", "w4a4", "brecq", 2000),
+    for model, bits, method, iters, seed in (
+        ("effl0", "4", "qdrop", 200, 0),
+        ("r20", "w4a4", "brecq", 1000, 0),
+        ("r20", "w4a4", "brecq", 2000, 0),
+        ("r20", "w4a4", "brecq", 2000, 1),
+        ("r20", "w4a4", "brecq", 2000, 2),
     ):
-        name = f"{model}-{bits}-{method}-real-i{iters}"
-        rows.append(Row(name, model, bits, method, "real", "effort", iters=iters))
+        name = f"{model}-{bits}-{method}-real-i{iters}" + (f"-s{seed}" if seed else "")
+        rows.append(Row(name, model, bits, method, "real", "effort", seed, iters))
     for data in ("real", "free"):
         rows.append(Row(f"lite1-4-qdrop-{data}-s0", "lite1", "4", "qdrop", data, "second model"))
     rows.append(
@@ -128,8 +128,21 @@ def command(row: Row, out: Path) -> list[str]:
     return ["qcli", "quantize", *args, "--no-latency", "--out", str(out), "--force", "--json"]
 
 
+def code_commit() -> str:
+    """The commit of the qcli source a row imports (PYTHONPATH's or the installed checkout's,
+    not necessarily this script's), with '+' when its src/ has uncommitted changes."""
+    import qcli
+
+    root = Path(qcli.__file__).resolve().parents[2]
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def run_row(row: Row) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    commit = code_commit()  # before the run: the code it starts with
     with tempfile.TemporaryDirectory() as tmp:
         cmd = command(row, Path(tmp) / "out")
         start, load_start = time.perf_counter(), loadavg()
@@ -144,7 +157,7 @@ def run_row(row: Row) -> dict:
         "command": " ".join(cmd),
         "seconds": round(seconds, 1),
         "load": [load_start, loadavg()],
-        "commit": _git("rev-parse", "--short", "HEAD").strip(),
+        "commit": commit,
         "summary": json.loads(proc.stdout),
     }
 
@@ -228,14 +241,16 @@ def markdown(payload: dict) -> str:
         f"- command: `python benchmarks/one_shot.py --run` (rows cached per run); rendered "
         f"{payload['date']}; CPU flags {' '.join(payload['cpu_flags'])}; 2 cores, each row one "
         "torch thread with another row beside it (seconds are upper bounds of a quiet machine's "
-        "2-thread run); commit and load per row in the JSON.",
+        "2-thread run); load per row in the JSON. Rows at 90db1f4/5decdfa were started by hand "
+        "with the same command before the script existed and imported into its cache; "
+        "7aae9c2 differs from them only in the export check of narrow-activation files.",
         "- effl0 / lite1: the benchmark's 100 calibration and 400 evaluation images of "
         "imagenet-sample; r20: 1,024 cifar10/train images, all 10,000 cifar10/test images. "
         "'free': no --data (32 DGH images).",
         "",
         "| row | model | bits | method | data | seed | iters | plan | bytes / budget | "
-        "top-1 | FP | Δ | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "top-1 | FP | Δ | seconds | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         c = payload["cells"].get(row.name)
@@ -246,7 +261,7 @@ def markdown(payload: dict) -> str:
             f"| {row.name} | {row.model} | {row.bits} | {row.method} | {row.data} | {row.seed} | "
             f"{row.iters or 'default'} | {c['chosen']}: {c['plan']} | {c['weight_bytes']:,}"
             f"{budget} | {c['top1']:.2f} | {c['fp']:.2f} | {c['top1'] - c['fp']:+.2f} | "
-            f"{c['seconds']:.0f} |"
+            f"{c['seconds']:.0f} | {c['commit']} |"
         )
     lines += ["", "## Method ranking per width (mean drop over the cells where both ran)", ""]
     for bits, r in payload["ranking"].items():
