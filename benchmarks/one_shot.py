@@ -278,17 +278,17 @@ def markdown(payload: dict) -> str:
             f"## Effort (the ranked rows ran at most {effort['iters']} iterations per unit within "
             f"a budget of {effort['budget']:g} billion activation elements)",
             "",
-            "| model | bits | method | iterations per unit | top-1 | Δ FP | seconds |",
-            "|---|---|---|---|---|---|---|",
+            "| model | bits | method | seed | iterations per unit | top-1 | Δ FP | seconds |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in ROWS:
             c = payload["cells"].get(row.name)
-            if c is None or row.data != "real" or row.seed or row.precision:
+            if c is None or row.data != "real" or row.precision:
                 continue
             base = row.group == "method" and (row.model, row.bits, row.method) in EFFORT_BASES
             if row.group == "effort" or base:
                 lines.append(
-                    f"| {row.model} | {row.bits} | {row.method} | {c['iters']} | "
+                    f"| {row.model} | {row.bits} | {row.method} | {row.seed} | {c['iters']} | "
                     f"{c['top1']:.2f} | {c['top1'] - c['fp']:+.2f} | {c['seconds']:.0f} |"
                 )
     return "\n".join(lines) + "\n"
