@@ -43,7 +43,11 @@ FP_KEY = "eval_fp"
 # and `--bits w4a4`
 WIDTHS = {"4": "the 4-bit size, A8", "w4a4": "W4A4"}
 RANKED_MODELS = ("effl0", "r20")
-EFFORT_BASES = {("effl0", "4", "qdrop"), ("r20", "w4a4", "brecq")}  # the curves' default points
+EFFORT_BASES = {
+    ("effl0", "4", "qdrop"),
+    ("r20", "w4a4", "brecq"),
+    ("r20", "w4a4", "qdrop"),
+}  # the curves' default points
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ def _rows() -> list[Row]:
         ("r20", "w4a4", "brecq", 2000, 0),
         ("r20", "w4a4", "brecq", 2000, 1),
         ("r20", "w4a4", "brecq", 2000, 2),
+        ("r20", "w4a4", "qdrop", 2000, 0),
+        ("r20", "w4a4", "qdrop", 2000, 1),
+        ("r20", "w4a4", "qdrop", 2000, 2),
     ):
         name = f"{model}-{bits}-{method}-real-i{iters}" + (f"-s{seed}" if seed else "")
         rows.append(Row(name, model, bits, method, "real", "effort", seed, iters))
