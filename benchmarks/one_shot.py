@@ -7,7 +7,7 @@ Each row is one `qcli quantize` command in a fresh process with one torch thread
 can share the 2-core machine. Its --json summary, wall seconds, load and commit are cached in
 benchmarks/.cache/one_shot/<row>.json; rendering writes benchmarks/one_shot.md and
 benchmarks/results/one_shot.json, including the defaults the rows choose (the method that
-ranks first per width over both benchmark models). tests/test_quantize.py pins quantize's
+ranks first per width over both benchmark models). tests/test_registry.py pins quantize's
 defaults to that file: change a default, rerun the rows it rests on.
 """
 
@@ -43,11 +43,6 @@ FP_KEY = "eval_fp"
 # and `--bits w4a4`
 WIDTHS = {"4": "the 4-bit size, A8", "w4a4": "W4A4"}
 RANKED_MODELS = ("effl0", "r20")
-EFFORT_BASES = {
-    ("effl0", "4", "qdrop"),
-    ("r20", "w4a4", "brecq"),
-    ("r20", "w4a4", "qdrop"),
-}  # the curves' default points
 
 
 @dataclass(frozen=True)
@@ -68,7 +63,9 @@ def _rows() -> list[Row]:
     for model, bits in (("effl0", "4"), ("r20", "4"), ("r20", "w4a4"), ("effl0", "w4a4")):
         for method in ("qdrop", "brecq"):
             for data in ("real",) if (model, bits) == ("effl0", "w4a4") else ("real", "free"):
-                seeds = (0, 1, 2) if (model, bits, data) == ("r20", "w4a4", "real") else (0,)
+                # 3 seeds where a cell's gap, between methods or efforts, is under a point
+                three = (model, data) == ("r20", "real") and (bits, method) != ("4", "brecq")
+                seeds = (0, 1, 2) if three else (0,)
                 for seed in seeds:
                     rows.append(
                         Row(
@@ -81,34 +78,29 @@ def _rows() -> list[Row]:
                             seed,
                         )
                     )
-    # effort: iterations per unit around the default (effl0's budget gives it 97 per unit
-    # whatever the ceiling; r20 gets the ceiling). The i500 rows ran as the method rows of the
-    # former default ceiling, 500 (the budget does not bind on r20).
-    for model, bits, method, data, seeds in (
-        ("r20", "4", "qdrop", "real", (0,)),
-        ("r20", "4", "brecq", "real", (0,)),
-        ("r20", "4", "qdrop", "free", (0,)),
-        ("r20", "4", "brecq", "free", (0,)),
-        ("r20", "w4a4", "qdrop", "real", (0, 1, 2)),
-        ("r20", "w4a4", "brecq", "real", (0, 1, 2)),
-        ("r20", "w4a4", "qdrop", "free", (0,)),
-        ("r20", "w4a4", "brecq", "free", (0,)),
+    # effort: iterations per unit around each width's default ceiling (effl0's budget gives it
+    # 97 per unit whatever the ceiling; r20 gets the ceiling, 500 at A8 and 2,000 at A4). The
+    # i500 rows at W4A4 and the i2000 rows at the 4-bit size without an explicit --iters ran as
+    # method rows under the former single ceiling (500, then 2,000; the budget does not bind on
+    # r20, so their commands compute what `--iters N` does).
+    for model, bits, method, data, iters, seeds in (
+        ("r20", "4", "qdrop", "real", 500, (1, 2)),
+        ("r20", "4", "qdrop", "real", 2000, (0, 1, 2)),
+        ("r20", "4", "brecq", "real", 2000, (0,)),
+        ("r20", "4", "qdrop", "free", 2000, (0,)),
+        ("r20", "4", "brecq", "free", 2000, (0,)),
+        ("effl0", "4", "qdrop", "real", 200, (0,)),
+        ("r20", "w4a4", "qdrop", "real", 500, (0, 1, 2)),
+        ("r20", "w4a4", "brecq", "real", 500, (0, 1, 2)),
+        ("r20", "w4a4", "qdrop", "free", 500, (0,)),
+        ("r20", "w4a4", "brecq", "free", 500, (0,)),
+        ("r20", "w4a4", "brecq", "real", 1000, (0,)),
+        ("r20", "w4a4", "brecq", "real", 2000, (0, 1, 2)),
+        ("r20", "w4a4", "qdrop", "real", 2000, (0, 1, 2)),
     ):
         for seed in seeds:
-            name = f"{model}-{bits}-{method}-{data}-i500" + (f"-s{seed}" if seed else "")
-            rows.append(Row(name, model, bits, method, data, "effort", seed, 500))
-    for model, bits, method, iters, seed in (
-        ("effl0", "4", "qdrop", 200, 0),
-        ("r20", "w4a4", "brecq", 1000, 0),
-        ("r20", "w4a4", "brecq", 2000, 0),
-        ("r20", "w4a4", "brecq", 2000, 1),
-        ("r20", "w4a4", "brecq", 2000, 2),
-        ("r20", "w4a4", "qdrop", 2000, 0),
-        ("r20", "w4a4", "qdrop", 2000, 1),
-        ("r20", "w4a4", "qdrop", 2000, 2),
-    ):
-        name = f"{model}-{bits}-{method}-real-i{iters}" + (f"-s{seed}" if seed else "")
-        rows.append(Row(name, model, bits, method, "real", "effort", seed, iters))
+            name = f"{model}-{bits}-{method}-{data}-i{iters}" + (f"-s{seed}" if seed else "")
+            rows.append(Row(name, model, bits, method, data, "effort", seed, iters))
     for data in ("real", "free"):
         rows.append(Row(f"lite1-4-qdrop-{data}-s0", "lite1", "4", "qdrop", data, "second model"))
     rows.append(
@@ -209,20 +201,27 @@ def cell(result: dict) -> dict:
         "load": result["load"],
         "commit": result["commit"],
         "command": result["command"],
+        # a row whose run is another row's, the same computation under another command
+        "same_as": result.get("same_as"),
     }
 
 
-def default_effort(results: dict[str, dict]) -> dict | None:
-    """The one-shot effort the ranked rows ran with, as their runs record it: the iteration
-    ceiling (the largest any model got) and the compute budget that cut effl0's."""
-    runs = [
-        results[r.name]["summary"]["calibrate"]["reconstruction"]["settings"]
-        for r in ROWS
-        if r.group == "method" and r.iters is None and r.name in results
-    ]
-    if not runs or len({s.get("budget") for s in runs}) != 1:
-        return None
-    return {"iters": max(s["iters"] for s in runs), "budget": runs[0]["budget"]}
+def default_effort(results: dict[str, dict]) -> dict[str, dict]:
+    """Per width, the one-shot effort its ranked rows ran with, as their runs record it: the
+    iteration ceiling (the largest any model got) and the compute budget that cut effl0's.
+    Rows that reuse another command's run (`same_as`) are left out: their settings are that
+    command's. A width whose rows disagree on the budget is left out."""
+    out = {}
+    for bits in WIDTHS:
+        runs = [
+            results[r.name]["summary"]["calibrate"]["reconstruction"]["settings"]
+            for r in ROWS
+            if r.group == "method" and r.iters is None and r.bits == bits and r.name in results
+            if not results[r.name].get("same_as")
+        ]
+        if runs and len({s.get("budget") for s in runs}) == 1:
+            out[bits] = {"iters": max(s["iters"] for s in runs), "budget": runs[0]["budget"]}
+    return out
 
 
 def ranking(cells: dict[str, dict]) -> dict:
@@ -255,6 +254,24 @@ def ranking(cells: dict[str, dict]) -> dict:
     return out
 
 
+def effort_points(cells: dict[str, dict]) -> dict[tuple[str, ...], dict[int, list]]:
+    """(model, bits, method, data) -> iterations per unit -> [(seed, cell)], for each key with
+    effort rows, its default rows included (rows that reuse another row's run left out, and
+    of a default row and an `--iters` row of the same seed and count, which compute the same,
+    the default one)."""
+    keys = {(r.model, r.bits, r.method, r.data) for r in ROWS if r.group == "effort"}
+    out: dict[tuple[str, ...], dict[int, list]] = {}
+    for row in ROWS:
+        c = cells.get(row.name)
+        key = (row.model, row.bits, row.method, row.data)
+        if c is None or key not in keys or row.precision or c.get("same_as"):
+            continue
+        point = out.setdefault(key, {}).setdefault(c["iters"], [])
+        if row.seed not in {seed for seed, _ in point}:  # a default row and its --iters twin
+            point.append((row.seed, c))
+    return out
+
+
 def markdown(payload: dict) -> str:
     lines = [
         "# `qcli quantize` one-shot defaults, measured (issue 25)",
@@ -264,7 +281,13 @@ def markdown(payload: dict) -> str:
         "torch thread with another row beside it (seconds are upper bounds of a quiet machine's "
         "2-thread run); load per row in the JSON. Rows at 90db1f4/5decdfa were started by hand "
         "with the same command before the script existed and imported into its cache; "
-        "7aae9c2 differs from them only in the export check of narrow-activation files.",
+        "7aae9c2 differs from them only in the export check of narrow-activation files. "
+        "The ceiling is per width (500 iterations per unit at A8, 2,000 at A4); rows named iN "
+        "without an --iters in their command ran as the default under a former single ceiling "
+        "(500, then 2,000), and rows marked 'the run of' reuse an --iters row's run, which "
+        "computes the same on r20 (the budget does not bind there; both seed-0 W4A4 defaults "
+        "reproduced their --iters 2000 rows exactly). The effl0 rows hold for any ceiling: the "
+        "budget cuts effl0 to 97.",
         "- effl0 / lite1: the benchmark's 100 calibration and 400 evaluation images of "
         "imagenet-sample; r20: 1,024 cifar10/train images, all 10,000 cifar10/test images. "
         "'free': no --data (32 DGH images).",
@@ -278,8 +301,10 @@ def markdown(payload: dict) -> str:
         if c is None:
             continue
         budget = f" / {c['budget_bytes']:,}" if c["budget_bytes"] else ""
+        same = f" (the run of {c['same_as'].split(':')[0]})" if c.get("same_as") else ""
         lines.append(
-            f"| {row.name} | {row.model} | {row.bits} | {row.method} | {row.data} | {row.seed} | "
+            f"| {row.name}{same} | {row.model} | {row.bits} | {row.method} | {row.data} | "
+            f"{row.seed} | "
             f"{row.iters or 'default'} | {c['chosen']}: {c['plan']} | {c['weight_bytes']:,}"
             f"{budget} | {c['top1']:.2f} | {c['fp']:.2f} | {c['top1'] - c['fp']:+.2f} | "
             f"{c['seconds']:.0f} | {c['commit']} |"
@@ -294,23 +319,32 @@ def markdown(payload: dict) -> str:
         lines.append(f"- {WIDTHS[bits]}: {means} → default **{r['default']}** ({cells})")
     effort = payload["effort"]
     if effort:
+        ceilings = "; ".join(
+            f"{WIDTHS[b]}: at most {e['iters']} iterations per unit within {e['budget']:g} "
+            "billion activation elements"
+            for b, e in effort.items()
+        )
         lines += [
             "",
-            f"## Effort (the ranked rows ran at most {effort['iters']} iterations per unit within "
-            f"a budget of {effort['budget']:g} billion activation elements)",
+            f"## Effort (the ranked rows' defaults: {ceilings})",
             "",
-            "| model | bits | method | seed | iterations per unit | top-1 | Δ FP | seconds |",
-            "|---|---|---|---|---|---|---|---|",
+            "Each (model, width, method, data) with effort rows, its default rows beside them; "
+            "the mean is over the seeds at that iteration count.",
+            "",
+            "| model | bits | method | data | iterations per unit | seeds | top-1 | mean | Δ FP "
+            "| seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in ROWS:
-            c = payload["cells"].get(row.name)
-            if c is None or row.data != "real" or row.precision:
-                continue
-            base = row.group == "method" and (row.model, row.bits, row.method) in EFFORT_BASES
-            if row.group == "effort" or base:
+        for key, points in effort_points(payload["cells"]).items():
+            for iters, cs in sorted(points.items()):
+                top1 = [c["top1"] for _, c in cs]
+                secs = ", ".join(f"{c['seconds']:.0f}" for _, c in cs)
+                mean = statistics.fmean(top1)
                 lines.append(
-                    f"| {row.model} | {row.bits} | {row.method} | {row.seed} | {c['iters']} | "
-                    f"{c['top1']:.2f} | {c['top1'] - c['fp']:+.2f} | {c['seconds']:.0f} |"
+                    f"| {' | '.join(key)} | {iters} | {', '.join(str(s) for s, _ in cs)} | "
+                    f"{' / '.join(f'{t:.2f}' for t in top1)} | {mean:.2f} | "
+                    f"{mean - cs[0][1]['fp']:+.2f} | "
+                    f"{secs} |"
                 )
     return "\n".join(lines) + "\n"
 

@@ -259,10 +259,12 @@ def test_quantize_bn_tunes_at_8_bits_unless_told_not_to(tmp_path: Path, weights,
 
 def test_quantize_effort_flags_follow_the_method(tmp_path: Path, weights, images):
     """--stop reaches a reconstruction method, and is refused where the method has no units."""
-    from qcli.stages.quantize import ONE_SHOT_EFFORT, QuantizeConfig, method_settings
+    from qcli.stages.quantize import QuantizeConfig, method_settings, one_shot_effort
 
     cfg = QuantizeConfig(None, tmp_path / "q", stop="fixed")
-    assert method_settings("qdrop", cfg) == {**ONE_SHOT_EFFORT, "stop": "fixed"}
+    assert method_settings("qdrop", cfg) == {**one_shot_effort(cfg.bits), "stop": "fixed"}
+    narrow = QuantizeConfig(None, tmp_path / "q", BitConfig(4, 4))
+    assert method_settings("brecq", narrow)["iters"] > method_settings("qdrop", cfg)["iters"]
     free = method_settings("qdrop", QuantizeConfig(None, tmp_path / "q"))
     assert free["stop"] == "plateau"  # generated images stop on a plateau
     assert method_settings("mse", QuantizeConfig(None, tmp_path / "q")) == {}

@@ -22,7 +22,7 @@ from qcli.methods.registry import (
     setting,
 )
 from qcli.quant.spec import BitConfig
-from qcli.stages.quantize import DEFAULT_METHOD, default_method
+from qcli.stages.quantize import DEFAULT_METHOD, ONE_SHOT_ITERS, default_method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ def test_quantize_exposes_its_method_settings_in_its_own_words():
     text = _help("quantize")
     for flag in ("--iters", "--stop [fixed|plateau]", "--granularity", "--metaaug"):
         assert flag in text
-    assert "a ceiling under --stop plateau [500]" in text
+    assert f"a ceiling under --stop plateau [at most {ONE_SHOT_ITERS['8-bit activations']} " in text
     assert "--merges" not in text and "--meta-iters" not in text
 
 
@@ -143,7 +143,7 @@ def test_a_method_that_reads_labels_refuses_unlabelled_images(
 
 def test_a_new_method_does_not_change_quantizes_default(monkeypatch):
     before = {b: default_method(BitConfig(*b)) for b in ((8, 8), (4, 8), (4, 4), (8, 4))}
-    assert before == {(8, 8): "mse", (4, 8): "qdrop", (4, 4): "qdrop", (8, 4): "qdrop"}
+    assert before == {(8, 8): "mse", (4, 8): "qdrop", (4, 4): "brecq", (8, 4): "brecq"}
     assert set(DEFAULT_METHOD.values()) <= set(CALIBRATION_METHODS)
     # a method registered later, even one that reconstructs, is never picked by default
     _toy(monkeypatch, "zzz-best", Capabilities(reconstructs=True))
@@ -155,7 +155,7 @@ def test_quantize_defaults_are_the_ones_its_benchmark_ranked_first():
     drop over both benchmark models), and its effort the one those rows ran with: change
     either, rerun the rows."""
     from conftest import REPO
-    from qcli.stages.quantize import ONE_SHOT_EFFORT, width_class
+    from qcli.stages.quantize import one_shot_effort, width_class
 
     payload = json.loads((REPO / "benchmarks" / "results" / "one_shot.json").read_text())
     ranking = payload["ranking"]
@@ -164,7 +164,7 @@ def test_quantize_defaults_are_the_ones_its_benchmark_ranked_first():
         cls = width_class(BitConfig.parse(bits))
         assert DEFAULT_METHOD[cls] == r["default"] == max(r["mean_drop"], key=r["mean_drop"].get)
         assert {c.split()[0] for c in r["cells"]} == {"effl0", "r20"}  # both models ranked
-    assert payload["effort"] == ONE_SHOT_EFFORT
+        assert payload["effort"][bits] == one_shot_effort(BitConfig.parse(bits))
 
 
 def test_registry_loads_every_method():

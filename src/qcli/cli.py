@@ -35,7 +35,7 @@ from qcli.quant.grid import narrowing_blocker
 from qcli.quant.spec import INT8_RANGES, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.stages.evaluate import SIMULATIONS
-from qcli.stages.quantize import describe_default_method
+from qcli.stages.quantize import ONE_SHOT_ITERS, describe_default_method
 from qcli.ui import RichUI
 
 load_all()
@@ -384,9 +384,11 @@ def cli() -> None:
 QUANTIZE_SETTINGS = ("iters", "stop", "granularity", "metaaug")
 QUANTIZE_HELP = {
     "iters": "Reconstruction iterations per unit when the method reconstructs; a ceiling under "
-    "--stop plateau [500].",
+    f"--stop plateau [at most {ONE_SHOT_ITERS['8-bit activations']} with 8-bit activations, "
+    f"{ONE_SHOT_ITERS['narrow activations']} with narrower ones; fewer where the model's "
+    "activations would take over ~10 minutes on 2 cores].",
     "stop": "Reconstruction effort: every unit runs --iters, or a unit stops when its loss "
-    "stops improving [plateau].",
+    "stops improving [fixed with --data, plateau on generated images].",
     "granularity": "Reconstruction unit when the method reconstructs (see calibrate); mrecg: "
     "blocks with the largest capacity gaps merged (brecq, qdrop).",
     "metaaug": "MetaAug: reconstruct on the calibration images plus learned transforms of them "
