@@ -56,6 +56,7 @@ class Row:
     seed: int = 0
     iters: int | None = None  # None: quantize's one-shot effort
     precision: str | None = None  # None: quantize's choice; mixed | uniform
+    images: int | None = None  # generated images ('free' rows; None: quantize's 32)
 
 
 def _rows() -> list[Row]:
@@ -101,6 +102,11 @@ def _rows() -> list[Row]:
         for seed in seeds:
             name = f"{model}-{bits}-{method}-{data}-i{iters}" + (f"-s{seed}" if seed else "")
             rows.append(Row(name, model, bits, method, data, "effort", seed, iters))
+    # data-free: more generated images (DGH costs r20 about 0.2 s an image on one thread)
+    for n in (256, 1024):
+        rows.append(
+            Row(f"r20-w4a4-brecq-free-n{n}", "r20", "w4a4", "brecq", "free", "images", images=n)
+        )
     for data in ("real", "free"):
         rows.append(Row(f"lite1-4-qdrop-{data}-s0", "lite1", "4", "qdrop", data, "second model"))
     rows.append(
@@ -138,6 +144,7 @@ def command(row: Row, out: Path) -> list[str]:
     args += ["--seed", str(row.seed)] if row.seed else []
     args += ["--iters", str(row.iters)] if row.iters else []
     args += [f"--{row.precision}"] if row.precision else []
+    args += ["--num-images", str(row.images)] if row.images else []
     return ["qcli", "quantize", *args, "--no-latency", "--out", str(out), "--force", "--json"]
 
 
@@ -264,7 +271,7 @@ def effort_points(cells: dict[str, dict]) -> dict[tuple[str, ...], dict[int, lis
     for row in ROWS:
         c = cells.get(row.name)
         key = (row.model, row.bits, row.method, row.data)
-        if c is None or key not in keys or row.precision or c.get("same_as"):
+        if c is None or key not in keys or row.precision or row.images or c.get("same_as"):
             continue
         point = out.setdefault(key, {}).setdefault(c["iters"], [])
         if row.seed not in {seed for seed, _ in point}:  # a default row and its --iters twin
@@ -345,6 +352,28 @@ def markdown(payload: dict) -> str:
                     f"{' / '.join(f'{t:.2f}' for t in top1)} | {mean:.2f} | "
                     f"{mean - cs[0][1]['fp']:+.2f} | "
                     f"{secs} |"
+                )
+    counts = [r for r in ROWS if r.group == "images" and r.name in payload["cells"]]
+    if counts:
+        lines += [
+            "",
+            "## Data-free: generated images (one seed each; the default generates 32)",
+            "",
+            "| model | bits | method | images | top-1 | Δ FP | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        default = [
+            r
+            for r in ROWS
+            if r.group == "method" and r.data == "free" and r.images is None
+            if (r.model, r.bits, r.method) in {(c.model, c.bits, c.method) for c in counts}
+        ]
+        for row in default + counts:
+            c = payload["cells"].get(row.name)
+            if c is not None:
+                lines.append(
+                    f"| {row.model} | {row.bits} | {row.method} | {row.images or 32} | "
+                    f"{c['top1']:.2f} | {c['top1'] - c['fp']:+.2f} | {c['seconds']:.0f} |"
                 )
     return "\n".join(lines) + "\n"
 

@@ -134,10 +134,10 @@ GEN_PRESETS: dict[str, dict[str, Any]] = {"dgh": {"optimizer": "adam", "lr": 0.1
 # ceiling bounds small models, whose steps are overhead-bound. Measured on ResNet-20 with 1,024
 # images (benchmarks/one_shot.md, 3 seeds): at W4A4 BRECQ gains 0.68 from 500 to 2,000
 # (79.82 against 79.14, ~10 minutes of one thread); at the 4-bit size with 8-bit activations
-# QDrop loses 0.4 (80.3-80.4 against 80.7-80.9: it overfits the images), so the ceiling stays
-# 500 there. On generated images units stop when their loss stops improving: they overfit the
-# few synthetic images sooner (ResNet-20 W4A4 data-free 77.90 with the plateau stop against
-# 77.19 fixed, benchmarks/effort-r20.md), while real images gain from every step.
+# QDrop loses 0.30 (80.50 against 80.80; lower on two seeds, equal on the third), so the
+# ceiling stays 500 there. On generated images units stop when their loss stops improving:
+# they overfit the few synthetic images sooner (ResNet-20 W4A4 data-free 77.90 with the plateau
+# stop against 77.19 fixed, benchmarks/effort-r20.md), while real images gain from every step.
 ONE_SHOT_ITERS = {"8 bits": 500, "8-bit activations": 500, "narrow activations": 2000}
 ONE_SHOT_BUDGET = 80.0
 
