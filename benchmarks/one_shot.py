@@ -42,6 +42,7 @@ FP_KEY = "eval_fp"
 # the width each method ranking is taken at: `--bits 4` (the 4-bit size, 8-bit activations)
 # and `--bits w4a4`
 WIDTHS = {"4": "the 4-bit size, A8", "w4a4": "W4A4"}
+DATA = {"real": "real images", "free": "generated images"}  # and per data source
 RANKED_MODELS = ("effl0", "r20")
 
 
@@ -63,7 +64,7 @@ def _rows() -> list[Row]:
     rows = []
     for model, bits in (("effl0", "4"), ("r20", "4"), ("r20", "w4a4"), ("effl0", "w4a4")):
         for method in ("qdrop", "brecq"):
-            for data in ("real",) if (model, bits) == ("effl0", "w4a4") else ("real", "free"):
+            for data in ("real", "free"):
                 # 3 seeds where a cell's gap, between methods or efforts, is under a point
                 three = model == "r20" and (data == "real" or bits == "w4a4")
                 seeds = (0, 1, 2) if three else (0,)
@@ -170,16 +171,19 @@ def run_row(row: Row) -> dict:
             [sys.executable, "-m", "qcli", *cmd[1:]], capture_output=True, text=True, env=env
         )
         seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{row.name}: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return {
+    record = {
         "row": asdict(row),
         "command": " ".join(cmd),
         "seconds": round(seconds, 1),
         "load": [load_start, loadavg()],
         "commit": commit,
-        "summary": json.loads(proc.stdout),
     }
+    if proc.returncode == 1:  # qcli refused the result (e.g. its export gate): a finding
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        return {**record, "failed": errors[-1] if errors else proc.stderr[-500:]}
+    if proc.returncode != 0:
+        raise SystemExit(f"{row.name}: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return {**record, "summary": json.loads(proc.stdout)}
 
 
 def cell(result: dict) -> dict:
@@ -224,40 +228,50 @@ def default_effort(results: dict[str, dict]) -> dict[str, dict]:
             results[r.name]["summary"]["calibrate"]["reconstruction"]["settings"]
             for r in ROWS
             if r.group == "method" and r.iters is None and r.bits == bits and r.name in results
-            if not results[r.name].get("same_as")
+            if "summary" in results[r.name] and not results[r.name].get("same_as")
         ]
         if runs and len({s.get("budget") for s in runs}) == 1:
             out[bits] = {"iters": max(s["iters"] for s in runs), "budget": runs[0]["budget"]}
     return out
 
 
-def ranking(cells: dict[str, dict]) -> dict:
-    """Per width: each method's mean drop (top-1 − FP, seeds averaged per cell) over the
-    (model, data) cells where every method ran; the first is the default it chooses."""
+def ranking(cells: dict[str, dict], failed: dict[str, str]) -> dict:
+    """Per width and data ("w4a4 real"): each method's mean drop (top-1 − FP, seeds averaged
+    per model) over the models where every method ran or was refused; the first is the default
+    it chooses. A method qcli refused on some model (`failed`) ranks after those it did not."""
     out = {}
     for bits in WIDTHS:
-        per: dict[tuple[str, str], dict[str, list[float]]] = {}
-        for row in ROWS:
-            if row.group != "method" or row.bits != bits or row.model not in RANKED_MODELS:
+        for data in DATA:
+            per: dict[str, dict[str, list[float] | str]] = {}
+            for row in ROWS:
+                if (row.group, row.bits, row.data) != ("method", bits, data):
+                    continue
+                if row.model not in RANKED_MODELS:
+                    continue
+                if row.name in failed:
+                    per.setdefault(row.model, {})[row.method] = "failed"
+                elif row.name in cells:
+                    c = cells[row.name]
+                    drops = per.setdefault(row.model, {}).setdefault(row.method, [])
+                    drops.append(c["top1"] - c["fp"])  # type: ignore[union-attr]
+            methods = {m for v in per.values() for m in v}
+            complete = {k: v for k, v in per.items() if set(v) == methods and len(methods) > 1}
+            if not complete:
                 continue
-            if row.name in cells:
-                c = cells[row.name]
-                per.setdefault((row.model, row.data), {}).setdefault(row.method, []).append(
-                    c["top1"] - c["fp"]
+            means = {
+                m: statistics.fmean(
+                    statistics.fmean(v[m]) for v in complete.values() if v[m] != "failed"
                 )
-        methods = {m for v in per.values() for m in v}
-        complete = {k: v for k, v in per.items() if set(v) == methods and len(methods) > 1}
-        if not complete:
-            continue
-        means = {
-            m: statistics.fmean(statistics.fmean(v[m]) for v in complete.values()) for m in methods
-        }
-        order = sorted(means, key=lambda m: -means[m])
-        out[bits] = {
-            "cells": {f"{k[0]} {k[1]}": {m: v[m] for m in order} for k, v in complete.items()},
-            "mean_drop": {m: round(means[m], 3) for m in order},
-            "default": order[0],
-        }
+                for m in methods
+            }
+            refused = {m for v in complete.values() for m in v if v[m] == "failed"}
+            order = sorted(means, key=lambda m: (m in refused, -means[m]))
+            out[f"{bits} {data}"] = {
+                "cells": {k: {m: v[m] for m in order} for k, v in complete.items()},
+                "mean_drop": {m: round(means[m], 3) for m in order},
+                "refused": sorted(refused),
+                "default": order[0],
+            }
     return out
 
 
@@ -316,14 +330,33 @@ def markdown(payload: dict) -> str:
             f"{budget} | {c['top1']:.2f} | {c['fp']:.2f} | {c['top1'] - c['fp']:+.2f} | "
             f"{c['seconds']:.0f} | {c['commit']} |"
         )
-    lines += ["", "## Method ranking per width (mean drop over the cells where both ran)", ""]
-    for bits, r in payload["ranking"].items():
+    for name, message in payload["failed"].items():
+        lines.append(f"| {name} | refused by qcli: {message} |")
+    lines += [
+        "",
+        "## Method ranking per width and data (mean drop over the models where both ran; a "
+        "method qcli refused on a model ranks last)",
+        "",
+    ]
+    for key, r in payload["ranking"].items():
+        bits, data = key.split()
         cells = "; ".join(
-            f"{k}: " + ", ".join(f"{m} {statistics.fmean(v):+.2f}" for m, v in ms.items())
+            f"{k}: "
+            + ", ".join(
+                f"{m} refused" if v == "failed" else f"{m} {statistics.fmean(v):+.2f}"
+                for m, v in ms.items()
+            )
             for k, ms in r["cells"].items()
         )
-        means = ", ".join(f"{m} {v:+.2f}" for m, v in r["mean_drop"].items())
-        lines.append(f"- {WIDTHS[bits]}: {means} → default **{r['default']}** ({cells})")
+        means = ", ".join(
+            f"{m} refused on a model ({v:+.2f} where it ran)"
+            if m in r["refused"]
+            else f"{m} {v:+.2f}"
+            for m, v in r["mean_drop"].items()
+        )
+        lines.append(
+            f"- {WIDTHS[bits]}, {DATA[data]}: {means} → default **{r['default']}** ({cells})"
+        )
     effort = payload["effort"]
     if effort:
         ceilings = "; ".join(
@@ -398,12 +431,14 @@ def main() -> None:
         for row in ROWS
         if (ROW_CACHE / f"{row.name}.json").exists()
     }
-    cells = {name: cell(result) for name, result in results.items()}
+    cells = {name: cell(r) for name, r in results.items() if "summary" in r}
+    failed = {name: r["failed"] for name, r in results.items() if "failed" in r}
     payload = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu_flags": cpu_flags(),
         "cells": cells,
-        "ranking": ranking(cells),
+        "failed": failed,
+        "ranking": ranking(cells, failed),
         "effort": default_effort(results),
     }
     for path, text in (

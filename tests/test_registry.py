@@ -142,28 +142,39 @@ def test_a_method_that_reads_labels_refuses_unlabelled_images(
 
 
 def test_a_new_method_does_not_change_quantizes_default(monkeypatch):
-    before = {b: default_method(BitConfig(*b)) for b in ((8, 8), (4, 8), (4, 4), (8, 4))}
-    assert before == {(8, 8): "mse", (4, 8): "qdrop", (4, 4): "brecq", (8, 4): "brecq"}
+    widths = ((8, 8), (4, 8), (4, 4), (8, 4))
+    before = {(b, free): default_method(BitConfig(*b), free) for b in widths for free in (0, 1)}
+    assert {b: before[b, 0] for b in widths} == {
+        (8, 8): "mse", (4, 8): "qdrop", (4, 4): "brecq", (8, 4): "brecq"
+    }  # fmt: skip
+    assert {b: before[b, 1] for b in widths} == {
+        (8, 8): "mse", (4, 8): "qdrop", (4, 4): "qdrop", (8, 4): "qdrop"
+    }  # fmt: skip
     assert set(DEFAULT_METHOD.values()) <= set(CALIBRATION_METHODS)
     # a method registered later, even one that reconstructs, is never picked by default
     _toy(monkeypatch, "zzz-best", Capabilities(reconstructs=True))
-    assert {b: default_method(BitConfig(*b)) for b in before} == before
+    assert {(b, f): default_method(BitConfig(*b), f) for b, f in before} == before
 
 
 def test_quantize_defaults_are_the_ones_its_benchmark_ranked_first():
-    """`quantize`'s method per width is the first of benchmarks/one_shot.py's ranking (mean
-    drop over both benchmark models), and its effort the one those rows ran with: change
-    either, rerun the rows."""
+    """`quantize`'s method per width and data is the first of benchmarks/one_shot.py's ranking
+    (mean drop over both benchmark models), and its effort per width the one those rows ran
+    with: change either, rerun the rows."""
     from conftest import REPO
     from qcli.stages.quantize import one_shot_effort, width_class
 
     payload = json.loads((REPO / "benchmarks" / "results" / "one_shot.json").read_text())
     ranking = payload["ranking"]
-    assert set(ranking) == {"4", "w4a4"}  # the two widths below 8 bits it ranks
-    for bits, r in ranking.items():
+    # the two widths below 8 bits it ranks, with real and with generated images
+    assert set(ranking) == {"4 real", "4 free", "w4a4 real", "w4a4 free"}
+    for key, r in ranking.items():
+        bits, data = key.split()
         cls = width_class(BitConfig.parse(bits))
-        assert DEFAULT_METHOD[cls] == r["default"] == max(r["mean_drop"], key=r["mean_drop"].get)
-        assert {c.split()[0] for c in r["cells"]} == {"effl0", "r20"}  # both models ranked
+        chosen = DEFAULT_METHOD[cls, "real" if data == "real" else "data-free"]
+        # a method qcli refused on a model (its export gate) ranks after those it did not
+        ranked = sorted(r["mean_drop"], key=lambda m: (m in r["refused"], -r["mean_drop"][m]))
+        assert chosen == r["default"] == ranked[0], key
+        assert set(r["cells"]) == {"effl0", "r20"}, key  # both models ranked
         assert payload["effort"][bits] == one_shot_effort(BitConfig.parse(bits))
 
 
