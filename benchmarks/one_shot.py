@@ -395,11 +395,12 @@ def markdown(payload: dict) -> str:
             "| model | bits | method | images | top-1 | Δ FP | seconds |",
             "|---|---|---|---|---|---|---|",
         ]
+        varied = {(c.model, c.bits, c.method) for c in counts}
         default = [
             r
             for r in ROWS
             if r.group == "method" and r.data == "free" and r.images is None
-            if (r.model, r.bits, r.method) in {(c.model, c.bits, c.method) for c in counts}
+            if (r.model, r.bits, r.method) in varied
         ]
         for row in default + counts:
             c = payload["cells"].get(row.name)

@@ -183,7 +183,12 @@ DEFAULT_METHOD = {
     ("narrow activations", "real"): "brecq",
     ("narrow activations", "data-free"): "qdrop",
 }
-WIDTH_CLASSES = ("8 bits", "8-bit activations", "narrow activations")
+# The width classes, in words for `--method`'s help (`width_class` maps a width to its class).
+WIDTH_CLASSES = {
+    "8 bits": "at W8A8",
+    "8-bit activations": "below 8-bit weights",
+    "narrow activations": "below 8-bit activations",
+}
 
 
 def width_class(bits: BitConfig) -> str:
@@ -199,18 +204,11 @@ def default_method(bits: BitConfig, data_free: bool) -> str:
 
 def describe_default_method() -> str:
     """The table in words, for `--method`'s help."""
-    where = {
-        "8 bits": "at W8A8",
-        "8-bit activations": "below 8-bit weights",
-        "narrow activations": "below 8-bit activations",
-    }
     parts = []
-    for cls in WIDTH_CLASSES:
+    for cls, where in WIDTH_CLASSES.items():
         real, free = DEFAULT_METHOD[cls, "real"], DEFAULT_METHOD[cls, "data-free"]
         parts.append(
-            f"{real} {where[cls]}"
-            if real == free
-            else f"{where[cls]} {real} with --data, {free} without"
+            f"{real} {where}" if real == free else f"{where} {real} with --data, {free} without"
         )
     return ", ".join(parts)
 
