@@ -79,6 +79,25 @@ def test_chain_calibrate_export_eval(tmp_path: Path, qmodel: Path, images: Path,
     assert result["agreement_with_reference"] >= 75  # random weights, 8-bit: mostly equal
 
 
+def test_input_bits_keep_the_image_at_8_bits_through_export(
+    tmp_path: Path, weights: Path, images: Path
+):
+    out, onnx_path = tmp_path / "r20.qcli", tmp_path / "r20.onnx"
+    flags = ["--bits", "w4a4", "--method", "minmax", "--input-bits", "8", "--out", out]
+    code, _, err = calibrate_r20(weights, images, *flags)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["bits"] == "w4a4, input 8-bit" and manifest["plan"]["input_bits"] == 8
+    specs = manifest["plan"]["specs"]
+    assert specs["act_quant.x"]["bits"] == 8 and specs["act_quant.relu"]["bits"] == 4
+    code, out_json, err = run("export", out, "--out", onnx_path, "--json")
+    assert code == 0, err  # the integer kernels match the simulation bit for bit
+    exact = json.loads(out_json)["check"]["exact"]
+    assert exact["enforced"] and exact["tensors_differ"] == 0
+    code, _, err = calibrate_r20(weights, images, *flags[:-2], "--input-bits", "9", "--out", out)
+    assert code == 2 and "--input-bits" in err
+
+
 def test_seed_gives_identical_calibration(tmp_path: Path, weights: Path, images: Path):
     outs = []
     for name in ("a", "b"):

@@ -162,3 +162,30 @@ def test_a_widened_plan_gives_the_chosen_layers_the_full_grid():
     reloaded = QuantPlan(specs={"fc.weight_quantizer": weight_spec(8, limit=SAFE_INT8_LIMIT)})
     assert reloaded.widened(["fc"]).spec("fc.weight_quantizer") == weight_spec(8)
     assert _plan().widened([]) == _plan()
+
+
+def test_input_bits_set_the_model_inputs_quantizer_apart():
+    facts = GraphFacts(FACTS.layers, FACTS.activations, inputs=("act_quant.x",))
+    plan = _plan("w4a4").with_bits(activations={"act_quant.x": 2, "act_quant.conv": 6})
+    specs = resolve_specs(QuantPlan(**{**vars(plan), "input_bits": 8}), facts)
+    # the input's width wins over act_bits and over a per-quantizer width; the others keep theirs
+    assert specs["act_quant.x"] == activation_spec(8)
+    assert specs["act_quant.conv"] == activation_spec(6)
+    # without input_bits the per-quantizer width holds
+    assert resolve_specs(plan, facts)["act_quant.x"] == activation_spec(2)
+    # an 8-bit input feeding 8-bit weights that pair products: narrowed like any 8-bit input
+    w8 = QuantPlan(8, 4, input_bits=8)
+    assert resolve_specs(w8, facts)["conv.weight_quantizer"].limit == SAFE_INT8_LIMIT
+    assert resolve_specs(QuantPlan(8, 4), facts)["conv.weight_quantizer"].limit is None
+
+
+def test_capture_finds_the_input_quantizer_and_a_reload_keeps_its_bits():
+    plan = QuantPlan(4, 4, input_bits=8)
+    qg = capture(resnet20(), (3, 32, 32), plan)
+    assert qg.facts.inputs == ("act_quant.x",)
+    bits = {name: q.spec.bits for name, q in qg.act_quantizers()}
+    assert bits.pop("act_quant.x") == 8 and set(bits.values()) == {4}
+    again = QuantPlan.from_dict(qg.plan.to_dict())
+    assert again.input_bits == 8 and again.describe() == "w4a4, input 8-bit"
+    reloaded = capture(resnet20(), (3, 32, 32), again)
+    assert {n: q.spec for n, q in reloaded.quantizers()} == {n: q.spec for n, q in qg.quantizers()}

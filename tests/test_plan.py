@@ -32,6 +32,8 @@ def test_plan_json_round_trip_and_equality():
     )
     back = QuantPlan.from_json(plan.to_json())
     assert back == plan and hash(back) == hash(plan)
+    with_input = QuantPlan(4, 4, input_bits=8)
+    assert QuantPlan.from_json(with_input.to_json()) == with_input != QuantPlan(4, 4)
     # insertion order does not matter: the plan is a value
     assert QuantPlan(weights={"a": 2, "b": 3}) == QuantPlan(weights={"b": 3, "a": 2})
     assert plan.layer_weight_bits("layer1.0.conv1") == 2 and plan.layer_weight_bits("x") == 4
@@ -43,6 +45,7 @@ def test_plan_json_round_trip_and_equality():
         ({"wieght_bits": 4}, "wieght_bits"),
         ({"weights": {"layer1.0.conv1": 9}}, "layer1.0.conv1"),
         ({"activations": {"act_quant.x": "4"}}, "act_quant.x"),
+        ({"input_bits": 12}, "input_bits"),
         ({"int8_range": "wide"}, "int8_range"),
         ({"specs": {"conv1.weight_quantizer": {"bits": 4}}}, "conv1.weight_quantizer"),
     ],

@@ -32,7 +32,7 @@ from qcli.methods.registry import (
 )
 from qcli.methods.sensitivity import SENSITIVITY_MODES
 from qcli.quant.grid import narrowing_blocker
-from qcli.quant.spec import INT8_RANGES, BitConfig
+from qcli.quant.spec import INT8_RANGES, MAX_BITS, MIN_BITS, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.stages.evaluate import SIMULATIONS
 from qcli.stages.quantize import ONE_SHOT_ITERS, describe_default_method
@@ -192,6 +192,13 @@ int8_widen_option = click.option(
     help="--int8-range safe, 8-bit weights: the share of multiply-adds whose layers may get "
     "the full int8 grid back (uint8 weights in u8×u8 kernels: exact everywhere, about half "
     "the speed for those layers) [0.2].",
+)
+input_bits_option = click.option(
+    "--input-bits",
+    type=click.IntRange(MIN_BITS, MAX_BITS),
+    help="Bits of the model input's quantizer, the image the first layer reads [the "
+    "activation width]. The papers keep the first layer at 8 bits; onnxruntime runs an 8-bit "
+    "input at the cost of a narrower one.",
 )
 strict_option = click.option(
     "--strict",
@@ -537,6 +544,7 @@ def _mb(v) -> str:
     "layer at --bits. Neither (below 8-bit weights): the allocation runs and its plan is "
     "used where it predicts at most a quarter of uniform weights' degradation.",
 )
+@input_bits_option
 @int8_range_option
 @int8_widen_option
 @weight_storage_option
@@ -558,6 +566,7 @@ def quantize(
     bn_tune,
     no_latency,
     mixed,
+    input_bits,
     int8_range,
     int8_widen_share,
     weight_storage,
@@ -614,6 +623,7 @@ def quantize(
         precision=precision,
         metaaug=given.get("metaaug", False),
         strict=strict,
+        input_bits=input_bits,
     )
     return run(cfg, ui)
 
@@ -805,6 +815,7 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     help="bits.json from allocate-bits: per-layer widths (replaces --bits, --keep-fp, "
     "--int8-range).",
 )
+@input_bits_option
 @int8_range_option
 @int8_widen_option
 @click.option("--out", type=PathArg(path_type=Path), help="Quantized-model folder (.qcli).")
@@ -825,6 +836,7 @@ def calibrate(
     strict,
     keep_fp,
     bit_config,
+    input_bits,
     int8_range,
     int8_widen_share,
     out,
@@ -875,6 +887,7 @@ def calibrate(
         plot=plot,
         widen_share=_widen_share(int8_widen_share, int8_range, None if bit_config else bits),
         strict=strict,
+        input_bits=input_bits,
     )
     if show_units:
         return show_units_of(cfg, settings.get("granularity"), ui)

@@ -625,15 +625,18 @@ def _insert_act_sites(gm: fx.GraphModule, plan: QuantPlan) -> tuple[str, ...]:
 
 def _graph_facts(gm: fx.GraphModule, sites: tuple[str, ...]) -> GraphFacts:
     """What the resolver needs of the graph: each conv/linear layer, whether its kernel pairs
-    products, and the activation quantizer site feeding it (its last call's, as linked)."""
+    products, and the activation quantizer site feeding it (its last call's, as linked); the
+    sites that quantize a model input."""
     mods = dict(gm.named_modules())
-    layers = {}
+    layers, inputs = {}, []
     for n in gm.graph.nodes:
         m = mods.get(n.target) if n.op == "call_module" else None
         if isinstance(m, nn.Conv2d | nn.Linear):
             source = _source_name(n.args[0], mods, _Site)
             layers[n.target] = LayerFacts(n.target, pairs_products(m), source)
-    return GraphFacts(tuple(layers.values()), sites)
+        elif isinstance(m, _Site) and n.args[0].op == "placeholder":
+            inputs.append(n.target)
+    return GraphFacts(tuple(layers.values()), sites, tuple(inputs))
 
 
 def _kind(n: fx.Node, mods: dict[str, nn.Module]) -> str | None:

@@ -42,6 +42,7 @@ class GraphFacts:
 
     layers: tuple[LayerFacts, ...]  # execution order
     activations: tuple[str, ...]
+    inputs: tuple[str, ...] = ()  # the activation quantizers of the model's inputs
 
 
 def pairs_products(m: nn.Module) -> bool:
@@ -76,11 +77,12 @@ def narrowing_blocker(int8_range: str, weight_bits: int | None) -> str | None:
 def resolve_specs(plan: QuantPlan, facts: GraphFacts) -> dict[str, QuantSpec]:
     """Every quantizer's spec, by quantizer name: none for layers kept in float; the plan's
     exact spec where it names one (a reloaded .qcli, a widened layer); else activations at
-    their planned bits and weights at theirs, on the grid `narrows` allows for the
-    activation feeding the layer."""
+    their planned bits (the model inputs' at `input_bits`) and weights at theirs, on the grid
+    `narrows` allows for the activation feeding the layer."""
     signed = plan.signed_activations
     specs = {
-        name: plan.spec(name) or activation_spec(plan.act_quantizer_bits(name), signed)
+        name: plan.spec(name)
+        or activation_spec(plan.act_quantizer_bits(name, name in facts.inputs), signed)
         for name in facts.activations
     }
     for layer in facts.layers:

@@ -5,8 +5,9 @@ Built from flags (`--bits w4a8 --keep-fp ...`) or from `bits.json` (per-layer ch
 from it, so a reload rebuilds exactly what was saved (one source of truth).
 
 Two levels in one value:
-- the intent: default weight/activation bits, per-layer weight bits and per-quantizer
-  activation bits (mixed precision), layers kept in float, the int8 range policy;
+- the intent: default weight/activation bits, the model input's bits, per-layer weight bits
+  and per-quantizer activation bits (mixed precision), layers kept in float, the int8 range
+  policy;
 - `specs`: the exact QuantSpec of named quantizers (bits, signedness, symmetry,
   granularity, narrowed grid). A captured graph reports its plan with every quantizer's spec
   filled in (`QuantGraph.plan`), which covers what calibration changed (the int8 range's
@@ -24,13 +25,14 @@ from qcli.errors import UsageError
 from qcli.quant.spec import INT8_RANGES, MAX_BITS, MIN_BITS, BitConfig, QuantSpec, weight_spec
 
 PLAN_FORMAT = "qcli-quant-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: input_bits
 WEIGHT_SUFFIX = ".weight_quantizer"
 _KEYS = {
     "format",
     "version",
     "weight_bits",
     "act_bits",
+    "input_bits",
     "signed_activations",
     "int8_range",
     "keep_fp",
@@ -66,10 +68,16 @@ class QuantPlan:
     weights: tuple[tuple[str, int], ...] = ()  # layer path -> weight bits
     activations: tuple[tuple[str, int], ...] = ()  # activation quantizer -> bits
     specs: tuple[tuple[str, QuantSpec], ...] = field(default=(), repr=False)
+    # The quantizers reading the model's inputs (the image the stem convolves): at these bits
+    # whatever act_bits and `activations` say (None: like any activation). The papers keep
+    # the first layer at 8 bits; an 8-bit image costs an integer kernel nothing.
+    input_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check_bits("weight bits", self.weight_bits)
         _check_bits("activation bits", self.act_bits)
+        if self.input_bits is not None:
+            _check_bits("input bits", self.input_bits)
         if self.int8_range not in INT8_RANGES:
             raise UsageError(f"int8_range must be one of {INT8_RANGES}, got {self.int8_range!r}")
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
@@ -126,7 +134,10 @@ class QuantPlan:
     def layer_weight_bits(self, layer: str) -> int:
         return dict(self.weights).get(layer, self.weight_bits)
 
-    def act_quantizer_bits(self, name: str) -> int:
+    def act_quantizer_bits(self, name: str, reads_input: bool = False) -> int:
+        """The bits of an activation quantizer; `reads_input`: it quantizes a model input."""
+        if reads_input and self.input_bits is not None:
+            return self.input_bits
         return dict(self.activations).get(name, self.act_bits)
 
     def spec(self, quantizer: str) -> QuantSpec | None:
@@ -134,8 +145,10 @@ class QuantPlan:
         return dict(self.specs).get(quantizer)
 
     def describe(self) -> str:
-        """`w4a8`, or `mixed (default w4a8)` when layers differ."""
-        return f"mixed (default {self.bits})" if self.mixed else str(self.bits)
+        """`w4a8`, or `mixed (default w4a8)` when layers differ; `, input 8-bit` when the
+        model input's width is set apart."""
+        text = f"mixed (default {self.bits})" if self.mixed else str(self.bits)
+        return text if self.input_bits is None else f"{text}, input {self.input_bits}-bit"
 
     # -- JSON -----------------------------------------------------------------------------
 
@@ -145,6 +158,7 @@ class QuantPlan:
             "version": PLAN_VERSION,
             "weight_bits": self.weight_bits,
             "act_bits": self.act_bits,
+            "input_bits": self.input_bits,
             "signed_activations": self.signed_activations,
             "int8_range": self.int8_range,
             "keep_fp": list(self.keep_fp),
@@ -185,6 +199,9 @@ class QuantPlan:
         return cls(
             weight_bits=_check_bits(f"{where}: weight_bits", d.get("weight_bits", 8)),
             act_bits=_check_bits(f"{where}: act_bits", d.get("act_bits", 8)),
+            input_bits=None
+            if d.get("input_bits") is None
+            else _check_bits(f"{where}: input_bits", d["input_bits"]),
             signed_activations=signed,
             int8_range=d.get("int8_range", "safe"),
             keep_fp=tuple(d.get("keep_fp", [])),

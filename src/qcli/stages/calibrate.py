@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +59,20 @@ class CalibrateConfig:
     plot: Path | None = None  # PNG of the per-unit reconstruction loss along depth
     widen_share: float | None = None  # safe range: MACs that may widen back (None: default)
     strict: bool = False  # an op without an integer kernel is an error, not left in float
+    input_bits: int | None = None  # the model input's bits over the plan's (None: the plan's)
 
     def quant_plan(self) -> QuantPlan:
-        """The one plan capture receives: the given one, bits.json's, else the flags'."""
+        """The one plan capture receives: the given one, bits.json's, else the flags'; with
+        `input_bits` when given."""
         if self.plan is not None:
-            return self.plan
-        if self.bit_config is not None:
+            plan = self.plan
+        elif self.bit_config is not None:
             from qcli.stages.allocate import read_plan
 
-            return read_plan(self.bit_config)
-        return QuantPlan.uniform(self.bits, self.keep_fp, self.int8_range)
+            plan = read_plan(self.bit_config)
+        else:
+            plan = QuantPlan.uniform(self.bits, self.keep_fp, self.int8_range)
+        return plan if self.input_bits is None else replace(plan, input_bits=self.input_bits)
 
 
 def calibrate(cfg: CalibrateConfig, ui: UI) -> dict[str, Any]:

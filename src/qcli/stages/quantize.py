@@ -73,6 +73,7 @@ class QuantizeConfig:
     precision: str | None = None
     metaaug: bool = False  # MetaAug on top of the (reconstruction) method
     strict: bool = False  # refuse a model with ops that have no integer kernel
+    input_bits: int | None = None  # the model input's quantizer (None: the activation width)
 
     @property
     def mixed(self) -> bool:
@@ -229,9 +230,10 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
         if opts is not None and not Path(opts.path).is_dir():
             raise QcliError(f"{flag} '{opts.path}' is not a folder")  # before minutes of work
     prepare_output(cfg.out, cfg.force, inputs=inputs)
+    widths = "" if cfg.input_bits is None else f", input {cfg.input_bits}-bit"
     summary: dict[str, Any] = {
         "model": cfg.model.spec,
-        "bits": f"mixed at the size of {cfg.bits}" if cfg.mixed else str(cfg.bits),
+        "bits": (f"mixed at the size of {cfg.bits}" if cfg.mixed else str(cfg.bits)) + widths,
         "method": method,
         "out": str(cfg.out),
     }
@@ -260,7 +262,7 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
         if cfg.mixed:
             bit_config, summary["allocate_bits"] = _allocate(cfg, data, tmp / "bits.json", ui)
             if bit_config is None:
-                summary["bits"] = str(cfg.bits)
+                summary["bits"] = str(cfg.bits) + widths
         summary["calibrate"] = calibrate(
             CalibrateConfig(
                 cfg.model,
@@ -275,6 +277,7 @@ def quantize(cfg: QuantizeConfig, ui: UI) -> dict[str, Any]:
                 bit_config=bit_config,
                 widen_share=cfg.widen_share,
                 strict=cfg.strict,
+                input_bits=cfg.input_bits,
             ),
             ui,
         )
