@@ -58,6 +58,7 @@ class Row:
     iters: int | None = None  # None: quantize's one-shot effort
     precision: str | None = None  # None: quantize's choice; mixed | uniform
     images: int | None = None  # generated images ('free' rows; None: quantize's 32)
+    input_bits: int | None = None  # --input-bits (None: quantize's, the activation width)
 
 
 def _rows() -> list[Row]:
@@ -65,8 +66,11 @@ def _rows() -> list[Row]:
     for model, bits in (("effl0", "4"), ("r20", "4"), ("r20", "w4a4"), ("effl0", "w4a4")):
         for method in ("qdrop", "brecq"):
             for data in ("real", "free"):
-                # 3 seeds where a cell's gap, between methods or efforts, is under a point
-                three = model == "r20" and (data == "real" or bits == "w4a4")
+                # 3 seeds where a cell's gap, between methods or efforts, is under a point,
+                # and on the default of effl0's goal cell (within 1.0 of float, real images)
+                three = (model == "r20" and (data == "real" or bits == "w4a4")) or (
+                    (model, bits, method, data) == ("effl0", "4", "qdrop", "real")
+                )
                 seeds = (0, 1, 2) if three else (0,)
                 for seed in seeds:
                     rows.append(
@@ -99,6 +103,8 @@ def _rows() -> list[Row]:
         ("r20", "w4a4", "brecq", "real", 1000, (0,)),
         ("r20", "w4a4", "brecq", "real", 2000, (0, 1, 2)),
         ("r20", "w4a4", "qdrop", "real", 2000, (0, 1, 2)),
+        # what the machine reaches at the papers' order of effort (issue 25: "e.g. 10x")
+        ("r20", "w4a4", "brecq", "real", 10000, (0, 1)),
     ):
         for seed in seeds:
             name = f"{model}-{bits}-{method}-{data}-i{iters}" + (f"-s{seed}" if seed else "")
@@ -108,6 +114,16 @@ def _rows() -> list[Row]:
         rows.append(
             Row(f"r20-w4a4-brecq-free-n{n}", "r20", "w4a4", "brecq", "free", "images", images=n)
         )
+    # the model input at 8 bits (the papers' first layer) where activations are narrower
+    for model, method, data, seeds in (
+        ("effl0", "qdrop", "real", (0,)),
+        ("effl0", "qdrop", "free", (0,)),
+        ("r20", "brecq", "real", (0, 1, 2)),
+        ("r20", "qdrop", "free", (0, 1, 2)),
+    ):
+        for seed in seeds:
+            name = f"{model}-w4a4-{method}-{data}-s{seed}-in8"
+            rows.append(Row(name, model, "w4a4", method, data, "input bits", seed, input_bits=8))
     for data in ("real", "free"):
         rows.append(Row(f"lite1-4-qdrop-{data}-s0", "lite1", "4", "qdrop", data, "second model"))
     rows.append(
@@ -146,6 +162,7 @@ def command(row: Row, out: Path) -> list[str]:
     args += ["--iters", str(row.iters)] if row.iters else []
     args += [f"--{row.precision}"] if row.precision else []
     args += ["--num-images", str(row.images)] if row.images else []
+    args += ["--input-bits", str(row.input_bits)] if row.input_bits else []
     return ["qcli", "quantize", *args, "--no-latency", "--out", str(out), "--force", "--json"]
 
 
@@ -177,6 +194,7 @@ def run_row(row: Row) -> dict:
         "seconds": round(seconds, 1),
         "load": [load_start, loadavg()],
         "commit": commit,
+        "cpu_flags": cpu_flags(),
     }
     if proc.returncode == 1:  # qcli refused the result (e.g. its export gate): a finding
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -211,6 +229,7 @@ def cell(result: dict) -> dict:
         "iters": s["calibrate"]["reconstruction"]["settings"]["iters"],
         "load": result["load"],
         "commit": result["commit"],
+        "cpu_flags": result.get("cpu_flags"),
         "command": result["command"],
         # a row whose run is another row's, the same computation under another command
         "same_as": result.get("same_as"),
@@ -285,7 +304,8 @@ def effort_points(cells: dict[str, dict]) -> dict[tuple[str, ...], dict[int, lis
     for row in ROWS:
         c = cells.get(row.name)
         key = (row.model, row.bits, row.method, row.data)
-        if c is None or key not in keys or row.precision or row.images or c.get("same_as"):
+        varied = row.precision or row.images or row.input_bits
+        if c is None or key not in keys or varied or c.get("same_as"):
             continue
         point = out.setdefault(key, {}).setdefault(c["iters"], [])
         if row.seed not in {seed for seed, _ in point}:  # a default row and its --iters twin
@@ -298,7 +318,9 @@ def markdown(payload: dict) -> str:
         "# `qcli quantize` one-shot defaults, measured (issue 25)",
         "",
         f"- command: `python benchmarks/one_shot.py --run` (rows cached per run); rendered "
-        f"{payload['date']}; CPU flags {' '.join(payload['cpu_flags'])}; 2 cores, each row one "
+        f"{payload['date']}; CPU flags per row (column CPU): "
+        + "; ".join(f"{chr(65 + i)} = {f}" for i, f in enumerate(payload["cpu_flags"]))
+        + "; 2 cores, each row one "
         "torch thread with another row beside it (seconds are upper bounds of a quiet machine's "
         "2-thread run); load per row in the JSON. Rows at 90db1f4/5decdfa were started by hand "
         "with the same command before the script existed and imported into its cache; "
@@ -314,9 +336,10 @@ def markdown(payload: dict) -> str:
         "'free': no --data (32 DGH images).",
         "",
         "| row | model | bits | method | data | seed | iters | plan | bytes / budget | "
-        "top-1 | FP | Δ | seconds | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "top-1 | FP | Δ | seconds | commit | CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cpu = {f: chr(65 + i) for i, f in enumerate(payload["cpu_flags"])}
     for row in ROWS:
         c = payload["cells"].get(row.name)
         if c is None:
@@ -328,7 +351,7 @@ def markdown(payload: dict) -> str:
             f"{row.seed} | "
             f"{row.iters or 'default'} | {c['chosen']}: {c['plan']} | {c['weight_bytes']:,}"
             f"{budget} | {c['top1']:.2f} | {c['fp']:.2f} | {c['top1'] - c['fp']:+.2f} | "
-            f"{c['seconds']:.0f} | {c['commit']} |"
+            f"{c['seconds']:.0f} | {c['commit']} | {cpu[' '.join(c['cpu_flags'])]} |"
         )
     for name, message in payload["failed"].items():
         lines.append(f"| {name} | refused by qcli: {message} |")
@@ -409,7 +432,36 @@ def markdown(payload: dict) -> str:
                     f"| {row.model} | {row.bits} | {row.method} | {row.images or 32} | "
                     f"{c['top1']:.2f} | {c['top1'] - c['fp']:+.2f} | {c['seconds']:.0f} |"
                 )
+    lines += _input_bits_table(payload["cells"])
     return "\n".join(lines) + "\n"
+
+
+def _input_bits_table(cells: dict[str, dict]) -> list[str]:
+    """Each --input-bits row beside the default row of its model, width, method, data, seed."""
+    pairs = []
+    for row in ROWS:
+        if row.group != "input bits" or row.name not in cells:
+            continue
+        twin = f"{row.model}-{row.bits}-{row.method}-{row.data}-s{row.seed}"
+        if twin in cells:
+            pairs.append((row, cells[twin], cells[row.name]))
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## The model input at 8 bits (`--input-bits 8`) against the default (input at the "
+        "activation width)",
+        "",
+        "| model | bits | method | data | seed | default | input 8-bit | gain | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, base, c in pairs:
+        lines.append(
+            f"| {row.model} | {row.bits} | {row.method} | {row.data} | {row.seed} | "
+            f"{base['top1']:.2f} | {c['top1']:.2f} | {c['top1'] - base['top1']:+.2f} | "
+            f"{c['seconds']:.0f} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -432,15 +484,28 @@ def main() -> None:
         for row in ROWS
         if (ROW_CACHE / f"{row.name}.json").exists()
     }
-    cells = {name: cell(r) for name, r in results.items() if "summary" in r}
-    failed = {name: r["failed"] for name, r in results.items() if "failed" in r}
+    # The committed JSON is the record; the cache (lost with a fresh checkout) adds the rows
+    # run since, and a row run again replaces its recorded cell.
+    record = RESULTS / "one_shot.json"
+    old = json.loads(record.read_text()) if record.exists() else {}
+    names = {row.name for row in ROWS} - set(results)
+    # (cells from before flags were recorded per row ran on the CPU the record names)
+    flags = old.get("cpu_flags")
+    cells = {
+        k: {**v, "cpu_flags": v.get("cpu_flags") or flags}
+        for k, v in old.get("cells", {}).items()
+        if k in names
+    }
+    failed = {k: v for k, v in old.get("failed", {}).items() if k in names}
+    cells |= {name: cell(r) for name, r in results.items() if "summary" in r}
+    failed |= {name: r["failed"] for name, r in results.items() if "failed" in r}
     payload = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": sorted({" ".join(c["cpu_flags"]) for c in cells.values()}),
         "cells": cells,
         "failed": failed,
         "ranking": ranking(cells, failed),
-        "effort": default_effort(results),
+        "effort": {**old.get("effort", {}), **default_effort(results)},
     }
     for path, text in (
         (RESULTS / "one_shot.json", json.dumps(payload, indent=1)),

@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -272,17 +273,24 @@ def split_imagenet_sample(root: Path) -> tuple[Path, Path]:
     for part, idx in chosen.items():
         d = CACHE / "data" / f"imagenet-sample-{tag}-s{SPLIT_SEED}-{part}"
         if not (d / ".done").exists():
+            # built beside and renamed into place: two benchmark processes started together
+            # each build their own, and the loser's is dropped (a shared one got half-deleted)
             shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-            shutil.copy(root / "wnids.txt", d / "wnids.txt")
+            d.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=d.name + ".", dir=d.parent))
+            shutil.copy(root / "wnids.txt", tmp / "wnids.txt")
             for i in idx:
                 p = samples[i][0]
-                (d / p.parent.name).mkdir(exist_ok=True)
-                (d / p.parent.name / p.name).symlink_to(p.resolve())
-            (d / "files.txt").write_text(
+                (tmp / p.parent.name).mkdir(exist_ok=True)
+                (tmp / p.parent.name / p.name).symlink_to(p.resolve())
+            (tmp / "files.txt").write_text(
                 "\n".join(str(samples[i][0].relative_to(root)) for i in idx) + "\n"
             )
-            (d / ".done").touch()
+            (tmp / ".done").touch()
+            try:
+                tmp.rename(d)
+            except OSError:  # another process renamed its copy first
+                shutil.rmtree(tmp, ignore_errors=True)
         dirs.append(d)
     return dirs[0], dirs[1]
 
