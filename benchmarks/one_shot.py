@@ -104,7 +104,7 @@ def _rows() -> list[Row]:
         ("r20", "w4a4", "brecq", "real", 2000, (0, 1, 2)),
         ("r20", "w4a4", "qdrop", "real", 2000, (0, 1, 2)),
         # what the machine reaches at the papers' order of effort (issue 25: "e.g. 10x")
-        ("r20", "w4a4", "brecq", "real", 10000, (0, 1)),
+        ("r20", "w4a4", "brecq", "real", 10000, (0,)),
     ):
         for seed in seeds:
             name = f"{model}-{bits}-{method}-{data}-i{iters}" + (f"-s{seed}" if seed else "")
@@ -118,7 +118,7 @@ def _rows() -> list[Row]:
     for model, method, data, seeds in (
         ("effl0", "qdrop", "real", (0,)),
         ("effl0", "qdrop", "free", (0,)),
-        ("r20", "brecq", "real", (0, 1, 2)),
+        ("r20", "brecq", "real", (0, 1)),
         ("r20", "qdrop", "free", (0, 1, 2)),
     ):
         for seed in seeds:
@@ -221,12 +221,14 @@ def cell(result: dict) -> dict:
         "weight_bytes": plan["weight_bytes"],
         "budget_bytes": plan.get("budget_bytes"),
         "chosen": alloc.get("chosen", "uniform"),
+        "bits": s["bits"],
         "kl_ratio": (
             alloc["predicted_degradation"] / alloc["uniform_predicted_degradation"]
             if alloc.get("uniform_predicted_degradation")
             else None
         ),
         "iters": s["calibrate"]["reconstruction"]["settings"]["iters"],
+        "budget": s["calibrate"]["reconstruction"]["settings"].get("budget"),
         "load": result["load"],
         "commit": result["commit"],
         "cpu_flags": result.get("cpu_flags"),
@@ -236,7 +238,7 @@ def cell(result: dict) -> dict:
     }
 
 
-def default_effort(results: dict[str, dict]) -> dict[str, dict]:
+def default_effort(cells: dict[str, dict]) -> dict[str, dict]:
     """Per width, the one-shot effort its ranked rows ran with, as their runs record it: the
     iteration ceiling (the largest any model got) and the compute budget that cut effl0's.
     Rows that reuse another command's run (`same_as`) are left out: their settings are that
@@ -244,13 +246,13 @@ def default_effort(results: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for bits in WIDTHS:
         runs = [
-            results[r.name]["summary"]["calibrate"]["reconstruction"]["settings"]
+            cells[r.name]
             for r in ROWS
-            if r.group == "method" and r.iters is None and r.bits == bits and r.name in results
-            if "summary" in results[r.name] and not results[r.name].get("same_as")
+            if r.group == "method" and r.iters is None and r.bits == bits and r.name in cells
+            if not cells[r.name].get("same_as")
         ]
-        if runs and len({s.get("budget") for s in runs}) == 1:
-            out[bits] = {"iters": max(s["iters"] for s in runs), "budget": runs[0]["budget"]}
+        if runs and len({c["budget"] for c in runs}) == 1:
+            out[bits] = {"iters": max(c["iters"] for c in runs), "budget": runs[0]["budget"]}
     return out
 
 
@@ -432,35 +434,81 @@ def markdown(payload: dict) -> str:
                     f"| {row.model} | {row.bits} | {row.method} | {row.images or 32} | "
                     f"{c['top1']:.2f} | {c['top1'] - c['fp']:+.2f} | {c['seconds']:.0f} |"
                 )
-    lines += _input_bits_table(payload["cells"])
+    lines += _input_bits_table(payload["cells"], payload["failed"], payload["input_bits"])
     return "\n".join(lines) + "\n"
 
 
-def _input_bits_table(cells: dict[str, dict]) -> list[str]:
-    """Each --input-bits row beside the default row of its model, width, method, data, seed."""
+def input_bits_pairs(cells: dict[str, dict], failed: dict[str, str]) -> list[tuple]:
+    """Each --input-bits row run, as (row, the cell of its model, width, method, data and
+    seed with the input at the activation width, its own cell or None where qcli refused it)."""
     pairs = []
     for row in ROWS:
-        if row.group != "input bits" or row.name not in cells:
+        twin = cells.get(f"{row.model}-{row.bits}-{row.method}-{row.data}-s{row.seed}")
+        if row.group != "input bits" or twin is None or "input 8-bit" in twin.get("bits", ""):
             continue
-        twin = f"{row.model}-{row.bits}-{row.method}-{row.data}-s{row.seed}"
-        if twin in cells:
-            pairs.append((row, cells[twin], cells[row.name]))
+        if row.name in cells or row.name in failed:
+            pairs.append((row, twin, cells.get(row.name)))
+    return pairs
+
+
+def input_bits_verdict(cells: dict[str, dict], failed: dict[str, str]) -> dict:
+    """Per data source, the input at 8 bits against the activation width: the mean gain per
+    model (seeds averaged), the models where qcli refused it, and the input width `quantize`
+    should plan below 8-bit activations: 8 where the mean over both ranked models is a gain
+    and no model refused it (as methods are ranked), else None (the activation width)."""
+    out = {}
+    for data in DATA:
+        per: dict[str, list[float]] = {}
+        refused = set()
+        for row, base, c in input_bits_pairs(cells, failed):
+            if row.data != data:
+                continue
+            if c is None:
+                refused.add(row.model)
+            else:
+                per.setdefault(row.model, []).append(c["top1"] - base["top1"])
+        gains = {m: round(statistics.fmean(v), 3) for m, v in per.items()}
+        ranked = [gains[m] for m in RANKED_MODELS if m in gains]
+        gain = len(ranked) == len(RANKED_MODELS) and statistics.fmean(ranked) > 0
+        out[data] = {
+            "gain": gains,
+            "refused": sorted(refused),
+            "default": 8 if gain and not refused else None,
+        }
+    return out
+
+
+def _input_bits_table(cells: dict[str, dict], failed: dict[str, str], verdict: dict) -> list[str]:
+    """Each --input-bits row beside its twin at the activation width, and the verdict."""
+    pairs = input_bits_pairs(cells, failed)
     if not pairs:
         return []
+    said = []
+    for data, v in verdict.items():
+        gains = ", ".join(f"{m} {g:+.2f}" for m, g in v["gain"].items()) or "none measured"
+        refused = f"; refused by qcli on {', '.join(v['refused'])}" if v["refused"] else ""
+        chosen = "8 bits" if v["default"] else "the activation width"
+        said.append(f"{data}: mean gain {gains}{refused} → {chosen}")
     lines = [
         "",
-        "## The model input at 8 bits (`--input-bits 8`) against the default (input at the "
-        "activation width)",
+        "## The model input at 8 bits (`--input-bits 8`) against the input at the activation "
+        "width (the rows above)",
         "",
-        "| model | bits | method | data | seed | default | input 8-bit | gain | seconds |",
+        "Below 8-bit activations `quantize` plans the input at 8 bits where the mean gain over "
+        "both models is positive and no model refused it: " + "; ".join(said) + ".",
+        "",
+        "| model | bits | method | data | seed | input at A | input 8-bit | gain | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row, base, c in pairs:
-        lines.append(
-            f"| {row.model} | {row.bits} | {row.method} | {row.data} | {row.seed} | "
-            f"{base['top1']:.2f} | {c['top1']:.2f} | {c['top1'] - base['top1']:+.2f} | "
-            f"{c['seconds']:.0f} |"
-        )
+        head = f"| {row.model} | {row.bits} | {row.method} | {row.data} | {row.seed} | "
+        if c is None:
+            lines.append(f"{head}{base['top1']:.2f} | refused by qcli: {failed[row.name]} | | |")
+        else:
+            lines.append(
+                f"{head}{base['top1']:.2f} | {c['top1']:.2f} | {c['top1'] - base['top1']:+.2f} | "
+                f"{c['seconds']:.0f} |"
+            )
     return lines
 
 
@@ -489,10 +537,15 @@ def main() -> None:
     record = RESULTS / "one_shot.json"
     old = json.loads(record.read_text()) if record.exists() else {}
     names = {row.name for row in ROWS} - set(results)
-    # (cells from before flags were recorded per row ran on the CPU the record names)
-    flags = old.get("cpu_flags")
+    # Cells from before flags and budgets were recorded per row ran on the CPU the record
+    # names, under its one budget per width.
+    flags, budget = old.get("cpu_flags"), old.get("effort", {})
     cells = {
-        k: {**v, "cpu_flags": v.get("cpu_flags") or flags}
+        k: {
+            "cpu_flags": flags,
+            "budget": budget.get(next(r.bits for r in ROWS if r.name == k), {}).get("budget"),
+            **v,
+        }
         for k, v in old.get("cells", {}).items()
         if k in names
     }
@@ -505,7 +558,8 @@ def main() -> None:
         "cells": cells,
         "failed": failed,
         "ranking": ranking(cells, failed),
-        "effort": {**old.get("effort", {}), **default_effort(results)},
+        "effort": default_effort(cells),
+        "input_bits": input_bits_verdict(cells, failed),
     }
     for path, text in (
         (RESULTS / "one_shot.json", json.dumps(payload, indent=1)),

@@ -98,6 +98,20 @@ def test_input_bits_keep_the_image_at_8_bits_through_export(
     assert code == 2 and "--input-bits" in err
 
 
+def test_quantize_keeps_the_input_at_8_bits_below_8_bit_activations(
+    tmp_path: Path, weights: Path, images: Path
+):
+    out = tmp_path / "q"
+    code, stdout, err = run(
+        *("quantize", R20, "--weights", weights, "--data", images, "--bits", "w4a4"),
+        *("--uniform", "--iters", "2", "--no-latency", "--json", "--out", out),
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["bits"] == "w4a4, input 8-bit"
+    specs = json.loads((out / "model.qcli" / "manifest.json").read_text())["plan"]["specs"]
+    assert specs["act_quant.x"]["bits"] == 8 and specs["act_quant.relu"]["bits"] == 4
+
+
 def test_seed_gives_identical_calibration(tmp_path: Path, weights: Path, images: Path):
     outs = []
     for name in ("a", "b"):

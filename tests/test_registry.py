@@ -178,6 +178,23 @@ def test_quantize_defaults_are_the_ones_its_benchmark_ranked_first():
         assert payload["effort"][bits] == one_shot_effort(BitConfig.parse(bits))
 
 
+def test_quantize_plans_the_input_width_its_benchmark_measured_better():
+    """Below 8-bit activations `quantize` keeps the model input at 8 bits exactly where
+    benchmarks/one_shot.py measured that a gain over both models: change it, rerun the rows."""
+    from conftest import REPO
+    from qcli.stages.quantize import one_shot_input_bits
+
+    payload = json.loads((REPO / "benchmarks" / "results" / "one_shot.json").read_text())
+    w4a4 = BitConfig.parse("w4a4")
+    for data, verdict in payload["input_bits"].items():
+        # measured on both ranked models, or refused on one (then it ranks last)
+        assert set(verdict["gain"]) | set(verdict["refused"]) == {"effl0", "r20"}, data
+        planned = one_shot_input_bits(w4a4, None, data_free=data == "free")
+        assert planned == verdict["default"], data
+        assert one_shot_input_bits(BitConfig.parse("w4a8"), None, data == "free") is None
+    assert one_shot_input_bits(w4a4, 4, data_free=False) == 4  # as the user gives it
+
+
 def test_registry_loads_every_method():
     registry.load_all()
     assert {"minmax", "percentile", "mse", "adaround", "adaquant", "brecq", "qdrop"} <= set(

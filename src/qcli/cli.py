@@ -35,7 +35,7 @@ from qcli.quant.grid import narrowing_blocker
 from qcli.quant.spec import INT8_RANGES, MAX_BITS, MIN_BITS, BitConfig
 from qcli.stages.common import DEFAULT_MODEL, DataOptions, ModelOptions, dump_json
 from qcli.stages.evaluate import SIMULATIONS
-from qcli.stages.quantize import ONE_SHOT_ITERS, describe_default_method
+from qcli.stages.quantize import ONE_SHOT_INPUT_BITS, ONE_SHOT_ITERS, describe_default_method
 from qcli.ui import RichUI
 
 load_all()
@@ -193,13 +193,18 @@ int8_widen_option = click.option(
     "the full int8 grid back (uint8 weights in u8×u8 kernels: exact everywhere, about half "
     "the speed for those layers) [0.2].",
 )
-input_bits_option = click.option(
-    "--input-bits",
-    type=click.IntRange(MIN_BITS, MAX_BITS),
-    help="Bits of the model input's quantizer, the image the first layer reads [the "
-    "activation width]. The papers keep the first layer at 8 bits; onnxruntime runs an 8-bit "
-    "input at the cost of a narrower one.",
-)
+
+
+def input_bits_option(default: str) -> Callable:
+    return click.option(
+        "--input-bits",
+        type=click.IntRange(MIN_BITS, MAX_BITS),
+        help=f"Bits of the model input's quantizer, the image the first layer reads [{default}]. "
+        "The papers keep the first layer at 8 bits; onnxruntime runs an 8-bit input at the "
+        "cost of a narrower one.",
+    )
+
+
 strict_option = click.option(
     "--strict",
     is_flag=True,
@@ -544,7 +549,9 @@ def _mb(v) -> str:
     "layer at --bits. Neither (below 8-bit weights): the allocation runs and its plan is "
     "used where it predicts at most a quarter of uniform weights' degradation.",
 )
-@input_bits_option
+@input_bits_option(
+    f"{ONE_SHOT_INPUT_BITS['real']} below 8-bit activations with --data, else the activation width"
+)
 @int8_range_option
 @int8_widen_option
 @weight_storage_option
@@ -815,7 +822,7 @@ def _mrecg_rows(d: dict | None) -> list[tuple]:
     help="bits.json from allocate-bits: per-layer widths (replaces --bits, --keep-fp, "
     "--int8-range).",
 )
-@input_bits_option
+@input_bits_option("the activation width")
 @int8_range_option
 @int8_widen_option
 @click.option("--out", type=PathArg(path_type=Path), help="Quantized-model folder (.qcli).")
