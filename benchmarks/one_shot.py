@@ -61,6 +61,11 @@ class Row:
     input_bits: int | None = None  # --input-bits (None: quantize's, the activation width)
 
 
+def method_row(model: str, bits: str, method: str, data: str, seed: int) -> str:
+    """The name of a ranked row: what the varied rows (`-in8`, ...) are compared with."""
+    return f"{model}-{bits}-{method}-{data}-s{seed}"
+
+
 def _rows() -> list[Row]:
     rows = []
     for model, bits in (("effl0", "4"), ("r20", "4"), ("r20", "w4a4"), ("effl0", "w4a4")):
@@ -75,7 +80,7 @@ def _rows() -> list[Row]:
                 for seed in seeds:
                     rows.append(
                         Row(
-                            f"{model}-{bits}-{method}-{data}-s{seed}",
+                            method_row(model, bits, method, data, seed),
                             model,
                             bits,
                             method,
@@ -122,7 +127,7 @@ def _rows() -> list[Row]:
         ("r20", "qdrop", "free", (0, 1, 2)),
     ):
         for seed in seeds:
-            name = f"{model}-w4a4-{method}-{data}-s{seed}-in8"
+            name = method_row(model, "w4a4", method, data, seed) + "-in8"
             rows.append(Row(name, model, "w4a4", method, data, "input bits", seed, input_bits=8))
     for data in ("real", "free"):
         rows.append(Row(f"lite1-4-qdrop-{data}-s0", "lite1", "4", "qdrop", data, "second model"))
@@ -443,7 +448,7 @@ def input_bits_pairs(cells: dict[str, dict], failed: dict[str, str]) -> list[tup
     seed with the input at the activation width, its own cell or None where qcli refused it)."""
     pairs = []
     for row in ROWS:
-        twin = cells.get(f"{row.model}-{row.bits}-{row.method}-{row.data}-s{row.seed}")
+        twin = cells.get(method_row(row.model, row.bits, row.method, row.data, row.seed))
         if row.group != "input bits" or twin is None or "input 8-bit" in twin.get("bits", ""):
             continue
         if row.name in cells or row.name in failed:
@@ -540,10 +545,11 @@ def main() -> None:
     # Cells from before flags and budgets were recorded per row ran on the CPU the record
     # names, under its one budget per width.
     flags, budget = old.get("cpu_flags"), old.get("effort", {})
+    widths = {row.name: row.bits for row in ROWS}
     cells = {
         k: {
             "cpu_flags": flags,
-            "budget": budget.get(next(r.bits for r in ROWS if r.name == k), {}).get("budget"),
+            "budget": budget.get(widths[k], {}).get("budget"),
             **v,
         }
         for k, v in old.get("cells", {}).items()
